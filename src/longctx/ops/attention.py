@@ -1,0 +1,256 @@
+"""Exact softmax attention that returns its log-sum-exp, and the merge of partial attentions.
+
+Layout throughout: ``(batch, time, heads, head_dim)``.
+
+``attention`` runs on PyTorch's flash-style kernel (online softmax, never a full
+``time x kv_time`` score matrix); ``attention_ref`` is the dense masked softmax it is
+tested against.  Both return ``(out, lse)`` where ``lse`` is the natural-log softmax
+denominator of each query row, so partial attentions over disjoint key sets combine
+exactly with ``merge``.
+
+Causal alignment: queries are the *last* ``time`` positions of the ``kv_time`` keys
+(bottom-right), which is what decoding with a KV cache needs.  Query ``i`` sees keys
+``j <= i + kv_time - time``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# Query rows per step of the blocked path (ALiBi, non-CPU devices); its bias is heads x this x kv_time.
+_BLOCK = 256
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "attention expects q, k, v of shape (batch, time, heads, head_dim); "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim"
+        )
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _causal_mask(time: int, kv_time: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``(time, kv_time)`` mask of allowed pairs, bottom-right aligned."""
+    i = torch.arange(time, device=device)[:, None] + (kv_time - time)
+    j = torch.arange(kv_time, device=device)[None, :]
+    return j <= i
+
+
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """ALiBi additive bias ``-slope_h * (q_pos - k_pos)`` of shape ``(heads, time, kv_time)``."""
+    dist = (q_pos[:, None] - k_pos[None, :]).to(slopes.dtype)
+    return -slopes[:, None, None] * dist
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense masked-softmax attention: the plain reference for ``attention``.
+
+    q ``(B, T, H, D)``, k/v ``(B, S, Hkv, D)`` -> out ``(B, T, H, D)``, lse ``(B, T, H)``.
+    Materialises the ``(B, H, T, S)`` score matrix; for tests and small inputs only.
+    """
+    _check(q, k, v)
+    heads, kv_heads = q.shape[2], k.shape[2]
+    time, kv_time = q.shape[1], k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = k.repeat_interleave(heads // kv_heads, dim=2)
+    v = v.repeat_interleave(heads // kv_heads, dim=2)
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+    s = torch.einsum("bthd,bshd->bhts", q.to(dtype), k.to(dtype)) * scale
+    if alibi_slopes is not None:
+        q_pos = torch.arange(kv_time - time, kv_time, device=q.device)
+        s = s + alibi_bias(alibi_slopes.to(dtype), q_pos, torch.arange(kv_time, device=q.device))
+    if causal:
+        s = s.masked_fill(~_causal_mask(time, kv_time, q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    # Rows with no allowed key: lse = -inf, output 0 (not nan).
+    p = torch.exp(s - lse.clamp_min(torch.finfo(s.dtype).min)[..., None])
+    out = torch.einsum("bhts,bshd->bthd", p, v.to(dtype))
+    return out.to(q.dtype), lse.transpose(1, 2)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """The CPU flash kernel with a backward that also accepts a gradient for ``lse``.
+
+    Inputs are ``(B, H, T, D)``.  The kernel has no key-length offset, so only two
+    alignments are used: no mask, or causal with ``T == S`` (where top-left and
+    bottom-right coincide).  ``mask`` is an optional additive float bias ``(B|1, H|1, T, S)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, mask):
+        out, lse = _flash_fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        if d_lse is None or not bool(d_lse.any()):
+            dq, dk, dv = _flash_bwd(
+                d_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, attn_mask=mask, scale=ctx.scale
+            )
+            return dq, dk, dv, None, None, None
+        # d lse_i / d s_ij = p_ij, so the score gradient becomes p * (dp - delta + d_lse).
+        # The kernel computes dp = d_out . v and delta = d_out . out; appending a column of
+        # ones to v, d_lse to d_out and zero to out adds exactly d_lse to dp and nothing to
+        # delta.  q and k get a zero column so the scores are unchanged.
+        def pad(x, value):
+            return torch.cat([x, x.new_full((*x.shape[:-1], 1), value)], dim=-1)
+
+        d_out1 = torch.cat([d_out, d_lse.unsqueeze(-1).to(d_out.dtype)], dim=-1)
+        dq, dk, dv = _flash_bwd(
+            d_out1, pad(q, 0.0), pad(k, 0.0), pad(v, 1.0), pad(out, 0.0), lse, 0.0, ctx.causal,
+            attn_mask=mask, scale=ctx.scale,
+        )
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None, None
+
+
+def _dense(q, k, v, causal: bool, scale: float, mask=None):
+    """Plain-autograd kernel for devices without the CPU flash op: ``(B, H, T, D)``."""
+    s = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scale
+    if mask is not None:
+        s = s + mask
+    if causal:
+        s = s.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.clamp_min(torch.finfo(s.dtype).min)[..., None])
+    return torch.einsum("bhts,bhsd->bhtd", p, v.float()).to(q.dtype), lse
+
+
+def _kernel(q, k, v, causal: bool, scale: float, mask=None):
+    """One fused attention call, ``(B, H, T, D)`` in and out; lse ``(B, H, T)`` in fp32."""
+    if q.device.type == "cpu":
+        return _FlashAttention.apply(q, k, v, causal, scale, mask)
+    return _dense(q, k, v, causal, scale, mask)
+
+
+def _attention_causal_offset(q, k, v, scale: float):
+    """Bottom-right causal attention with ``S > T`` keys via two kernel calls, O(T) memory.
+
+    The first ``S - T`` keys are visible to every query; the last ``T`` keys form a
+    square causal block.  Attend to each part and merge exactly.
+    """
+    split = k.shape[2] - q.shape[2]
+    out_a, lse_a = _kernel(q, k[:, :, :split], v[:, :, :split], False, scale)
+    out_b, lse_b = _kernel(q, k[:, :, split:], v[:, :, split:], True, scale)
+    return merge(out_a, lse_a, out_b, lse_b)
+
+
+def _attention_blocked(q, k, v, causal: bool, scale: float, slopes):
+    """Attention over blocks of queries with an additive bias (ALiBi and/or causal mask).
+
+    ``(B, H, T, D)`` in and out.  The bias of one block is ``H x block x S``, so memory is
+    linear in length; under causality a block reads only keys up to its last query.
+    """
+    time, kv_time = q.shape[2], k.shape[2]
+    offset = kv_time - time
+    k_pos = torch.arange(kv_time, device=q.device)
+    outs, lses = [], []
+    for start in range(0, time, _BLOCK):
+        stop = min(start + _BLOCK, time)
+        q_pos = torch.arange(offset + start, offset + stop, device=q.device)
+        end = offset + stop if causal else kv_time
+        if slopes is None:
+            bias = q.new_zeros(1, stop - start, end)
+        else:
+            bias = alibi_bias(slopes.to(q.dtype), q_pos, k_pos[:end])
+        if causal:
+            bias = bias.masked_fill(k_pos[None, None, :end] > q_pos[None, :, None], float("-inf"))
+        out, lse = _kernel(q[:, :, start:stop], k[:, :, :end], v[:, :, :end], False, scale, bias[None])
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention with its log-sum-exp, without a full score matrix.
+
+    Args:
+        q: ``(batch, time, heads, head_dim)``.
+        k, v: ``(batch, kv_time, kv_heads, head_dim)``; ``heads % kv_heads == 0`` (GQA/MQA:
+            query head ``h`` reads kv head ``h // (heads // kv_heads)``).
+        causal: queries are the last ``time`` of the ``kv_time`` positions.
+        scale: score scale, default ``head_dim ** -0.5``.
+        alibi_slopes: optional ``(heads,)`` ALiBi slopes; adds ``-slope * (i - j)``.
+
+    Returns:
+        out ``(batch, time, heads, head_dim)`` in q's dtype and lse ``(batch, time, heads)``
+        in fp32 (``-inf`` for a row that sees no key, whose output is 0).
+        Both are differentiable, ``lse`` included.
+    """
+    _check(q, k, v)
+    time, kv_time = q.shape[1], k.shape[1]
+    if causal and kv_time < time:
+        raise ValueError(
+            f"causal attention needs at least as many keys as queries; got time={time}, kv_time={kv_time}"
+        )
+    if alibi_slopes is not None and alibi_slopes.shape != (q.shape[2],):
+        raise ValueError(f"alibi_slopes must have shape ({q.shape[2]},); got {tuple(alibi_slopes.shape)}")
+    if time == 0 or kv_time == 0:
+        lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        return torch.zeros_like(q), lse
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    if alibi_slopes is not None or (q.device.type != "cpu" and causal):
+        out, lse = _attention_blocked(qt, kt, vt, causal, scale, alibi_slopes)
+    elif causal and kv_time > time:
+        out, lse = _attention_causal_offset(qt, kt, vt, scale)
+    else:
+        out, lse = _kernel(qt, kt, vt, causal, scale)
+    return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+def merge(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two attentions of the same queries over disjoint key sets, exactly.
+
+    out ``(..., head_dim)`` and lse ``(...)``: any layout where lse is out without its last
+    dim, e.g. ``(batch, time, heads, head_dim)`` with ``(batch, time, heads)``.  A row
+    with lse ``-inf`` in one part takes the other part unchanged; with ``-inf`` in both it
+    stays 0 / ``-inf``.  Differentiable in all four inputs.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    # Guard rows where both are -inf: exp(-inf - -inf) would be nan.
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    out = (w_a * out_a.float() + w_b * out_b.float()).to(out_a.dtype)
+    return out, lse

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from longctx.ops import alibi_slopes, attention, attention_ref, merge
+import importlib
+
+attention_module = importlib.import_module("longctx.ops.attention")
+
+
+def _inputs(batch, time, kv_time, heads, kv_heads, dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, time, heads, dim, generator=g, dtype=torch.float64).float()
+    k = torch.randn(batch, kv_time, kv_heads, dim, generator=g, dtype=torch.float64).float()
+    v = torch.randn(batch, kv_time, kv_heads, dim, generator=g, dtype=torch.float64).float()
+    return q, k, v
+
+
+def _grads(fn, q, k, v, seed=1, **kw):
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = fn(q, k, v, **kw)
+    g = torch.Generator().manual_seed(seed)
+    d_out = torch.randn(out.shape, generator=g)
+    d_lse = torch.randn(lse.shape, generator=g)
+    # lse can be -inf only for rows with no keys; none here.
+    loss = (out * d_out).sum() + (lse * d_lse).sum()
+    return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
+
+
+@pytest.mark.parametrize("time", [1, 7, 63, 257])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_attention_matches_reference(time, causal, heads, kv_heads):
+    q, k, v = _inputs(2, time, time, heads, kv_heads, 16)
+    fast = _grads(attention, q, k, v, causal=causal)
+    ref = _grads(attention_ref, q.double(), k.double(), v.double(), causal=causal)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("time,kv_time", [(1, 64), (5, 64), (63, 257), (257, 300)])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_decoding_alignment_with_cache(time, kv_time, alibi):
+    """kv_time > time: queries are the last `time` positions (bottom-right causal)."""
+    q, k, v = _inputs(1, time, kv_time, 4, 2, 8)
+    slopes = alibi_slopes(4) if alibi else None
+    fast = _grads(attention, q, k, v, alibi_slopes=slopes)
+    ref = _grads(attention_ref, q.double(), k.double(), v.double(), alibi_slopes=slopes)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
+    # Same as the last rows of a full causal pass over the queries' own positions.
+    q_full = torch.cat([torch.randn(1, kv_time - time, 4, 8), q], dim=1)
+    out_full, lse_full = attention(q_full, k, v, alibi_slopes=slopes)
+    out, lse = attention(q, k, v, alibi_slopes=slopes)
+    torch.testing.assert_close(out, out_full[:, -time:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_full[:, -time:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("time", [7, 257])
+@pytest.mark.parametrize("causal", [True, False])
+def test_alibi_matches_reference(time, causal, monkeypatch):
+    monkeypatch.setattr(attention_module, "_BLOCK", 32)  # several blocks at small sizes
+    q, k, v = _inputs(2, time, time, 6, 3, 8)
+    slopes = alibi_slopes(6)
+    fast = _grads(attention, q, k, v, causal=causal, alibi_slopes=slopes)
+    ref = _grads(attention_ref, q.double(), k.double(), v.double(), causal=causal, alibi_slopes=slopes)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
+
+
+def test_non_cpu_kernel_path(monkeypatch):
+    """The plain kernel other devices use gives the same values and gradients."""
+    monkeypatch.setattr(attention_module, "_BLOCK", 16)
+    q, k, v = _inputs(1, 40, 50, 4, 2, 8)
+    slow = attention_module._attention_blocked
+    def blocked_dense(q, k, v, causal, scale, slopes):
+        monkeypatch.setattr(attention_module, "_kernel", attention_module._dense)
+        return slow(q, k, v, causal, scale, slopes)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    expected = attention(q, k, v)
+    out, lse = blocked_dense(qt, kt.repeat_interleave(2, 1), vt.repeat_interleave(2, 1), True, 8**-0.5, None)
+    torch.testing.assert_close(out.transpose(1, 2), expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.transpose(1, 2), expected[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("split", [1, 30, 63])
+def test_merge_of_two_halves_equals_whole(split):
+    q, k, v = _inputs(2, 5, 64, 4, 2, 16)
+    whole = attention(q, k, v, causal=False)
+    a = attention(q, k[:, :split], v[:, :split], causal=False)
+    b = attention(q, k[:, split:], v[:, split:], causal=False)
+    out, lse = merge(*a, *b)
+    torch.testing.assert_close(out, whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, whole[1], atol=1e-5, rtol=1e-5)
+
+
+def test_merge_gradients_match_whole():
+    q, k, v = _inputs(1, 9, 20, 2, 2, 8)
+
+    def merged(q, k, v):
+        return merge(*attention(q, k[:, :8], v[:, :8], causal=False), *attention(q, k[:, 8:], v[:, 8:], causal=False))
+
+    a = _grads(merged, q, k, v)
+    b = _grads(attention_ref, q, k, v, causal=False)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4)
+
+
+def test_merge_with_empty_rows():
+    out = torch.randn(1, 3, 2, 4)
+    lse = torch.randn(1, 3, 2)
+    empty_out = torch.zeros_like(out)
+    empty_lse = torch.full_like(lse, float("-inf"))
+    m_out, m_lse = merge(out, lse, empty_out, empty_lse)
+    torch.testing.assert_close(m_out, out)
+    torch.testing.assert_close(m_lse, lse)
+    both_out, both_lse = merge(empty_out, empty_lse, empty_out, empty_lse)
+    assert not both_out.isnan().any() and torch.isinf(both_lse).all()
+
+
+def test_bad_shapes_raise():
+    q, k, v = _inputs(1, 4, 4, 3, 2, 8)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention(q, k, v)
+    q, k, v = _inputs(1, 8, 4, 2, 2, 8)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        attention(q, k, v)
+    with pytest.raises(ValueError, match="batch, time, heads, head_dim"):
+        attention(q[0], k[0], v[0])
