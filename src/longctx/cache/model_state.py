@@ -1,0 +1,37 @@
+"""The state of a whole model: one state object per layer and the number of tokens seen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ModelState:
+    """Per-layer states (``layers[i]`` belongs to block ``i``) and the tokens consumed so far."""
+
+    layers: list[Any]
+    seq_len: int = 0
+    batch_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        for s in self.layers:
+            s.reset()
+        self.seq_len = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict (``layers.{i}.{name}``), ready for safetensors."""
+        out = {"seq_len": torch.tensor(self.seq_len)}
+        for i, s in enumerate(self.layers):
+            for name, t in s.state_dict().items():
+                out[f"layers.{i}.{name}"] = t
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, s in enumerate(self.layers):
+            prefix = f"layers.{i}."
+            s.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        self.seq_len = int(state["seq_len"])

@@ -1,0 +1,78 @@
+"""Autoregressive generation on the model's state (KV caches, recurrent states)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from longctx.cache.model_state import ModelState
+from longctx.generation.sampling import check_sampling, sample_next
+
+
+def _as_batch(ids) -> torch.Tensor:
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"prompt ids must be a non-empty (time,) or (batch, time) sequence; got shape {tuple(ids.shape)}")
+    return ids
+
+
+@torch.inference_mode()
+def stream(
+    model,
+    ids,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Iterable[int] = (),
+    state: ModelState | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the new tokens one step at a time, each ``(batch,)``.
+
+    The prompt ``ids`` ``(time,)`` or ``(batch, time)`` is prefilled in one pass, then each
+    step feeds one token through the cache.  A sequence that produced a ``stop`` token
+    keeps producing it; iteration ends when every sequence has stopped.  Pass ``state``
+    to continue a session (``ids`` are then the new tokens only).
+    """
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+    ids = _as_batch(ids).to(next(model.parameters()).device)
+    limit = model.config.max_seq_len
+    seen = 0 if state is None else state.seq_len
+    if limit is not None and seen + ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds this model's "
+            f"limit of {limit} positions (model.max_seq_len); shorten the prompt or generate fewer tokens"
+        )
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=ids.device).manual_seed(seed)
+    stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=ids.device)
+    if state is None:
+        state = model.init_state(ids.shape[0])
+    logits = model(ids, state)[:, -1]
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token = torch.where(done, ids[:, -1], token)
+        done |= torch.isin(token, stop_ids)
+        ids = token[:, None]
+        yield token
+        if bool(done.all()):
+            return
+        logits = model(ids, state)[:, -1]
+
+
+def generate(model, ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """Prompt plus new tokens, ``(batch, time + new)``; same arguments as ``stream``."""
+    prompt = _as_batch(ids)
+    new = list(stream(model, prompt, max_new_tokens, **kwargs))
+    if not new:
+        return prompt
+    return torch.cat([prompt, torch.stack(new, dim=1).to(prompt.device)], dim=1)

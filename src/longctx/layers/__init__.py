@@ -1,0 +1,9 @@
+"""Modules: norms, MLPs, mixers (registered by name) and the residual block."""
+
+from longctx.layers import attention as _attention  # noqa: F401  (registers "attention")
+from longctx.layers.block import Block
+from longctx.layers.mlp import SwiGLU
+from longctx.layers.norm import RMSNorm
+from longctx.layers.registry import get_mixer, mixer_names, register_mixer
+
+__all__ = ["Block", "RMSNorm", "SwiGLU", "get_mixer", "mixer_names", "register_mixer"]

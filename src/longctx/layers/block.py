@@ -1,0 +1,26 @@
+"""Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from longctx.layers.mlp import SwiGLU
+from longctx.layers.norm import RMSNorm
+from longctx.layers.registry import get_mixer
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = get_mixer(config.layers[layer_idx])(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+
+    def init_state(self, batch_size: int):
+        return self.mixer.init_state(batch_size)
+
+    def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), state)
+        return x + self.mlp(self.mlp_norm(x))

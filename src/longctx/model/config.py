@@ -1,0 +1,97 @@
+"""Model configuration: one dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+POSITIONS = ("rope", "alibi", "learned", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a ``LanguageModel``.
+
+    ``layers`` lists one mixer name per block (e.g. ``["attention"] * 8``); any name in
+    the mixer registry works, so hybrids are configuration.
+    """
+
+    vocab_size: int = 264
+    d_model: int = 256
+    layers: list[str] = field(default_factory=lambda: ["attention"] * 4)
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    pos: str = "rope"  # rope | alibi | learned (absolute, needs max_seq_len) | none
+    rope_theta: float = 10000.0
+    max_seq_len: int | None = None  # absolute limit; required by pos="learned"
+    mlp_hidden: int | None = None  # SwiGLU width; None: 8/3 d_model rounded up to 64
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.layers = list(self.layers)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and self.n_heads > 0:
+            self.head_dim = self.d_model // self.n_heads
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 64 * -(-(8 * self.d_model) // (3 * 64))
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{name} must be a positive integer; got {value!r}")
+
+        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden"):
+            positive(name)
+        if not self.layers or not all(isinstance(x, str) for x in self.layers):
+            raise ConfigError(f"model.layers must be a non-empty list of mixer names; got {self.layers!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.d_model % self.n_heads and self.head_dim == self.d_model // self.n_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) is not divisible by model.n_heads ({self.n_heads}); "
+                "change one of them or set model.head_dim"
+            )
+        if self.pos not in POSITIONS:
+            raise ConfigError(f"model.pos must be one of {', '.join(POSITIONS)}; got {self.pos!r}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.pos = 'rope' needs an even head_dim; got {self.head_dim}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"model.rope_theta must be positive; got {self.rope_theta}")
+        if self.pos == "learned" and self.max_seq_len is None:
+            raise ConfigError("model.pos = 'learned' needs model.max_seq_len (the number of positions)")
+        if self.max_seq_len is not None:
+            positive("max_seq_len")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"model.norm_eps must be positive; got {self.norm_eps}")
+        if not self.init_std > 0:
+            raise ConfigError(f"model.init_std must be positive; got {self.init_std}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        """Build from a plain dict (a TOML table); unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown model config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+            )
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"invalid model config: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,102 @@
+"""The language model: embeddings, a stack of pre-norm blocks, a final norm and the LM head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from longctx.cache.model_state import ModelState
+from longctx.layers import Block, RMSNorm, mixer_names
+from longctx.model.config import ConfigError, ModelConfig
+
+
+class LanguageModel(nn.Module):
+    """``forward(ids (batch, time), state=None) -> logits (batch, time, vocab_size)``.
+
+    With a state (``init_state``), the model continues from the tokens it has seen:
+    ``forward(a, s)`` then ``forward(b, s)`` gives the logits of ``forward(cat(a, b))``
+    for the positions of ``b``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        unknown = [name for name in config.layers if name not in mixer_names()]
+        if unknown:
+            raise ConfigError(
+                f"model.layers names unknown mixer(s) {', '.join(map(repr, unknown))}; "
+                f"available: {', '.join(mixer_names())}"
+            )
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.pos == "learned" else None
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(len(config.layers)))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers)
+        (GPT-2) so the residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * len(self.blocks)) if getattr(module, "is_residual_out", False) else 1.0
+                nn.init.normal_(module.weight, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def init_state(self, batch_size: int = 1) -> ModelState:
+        """A fresh state (empty caches) for ``batch_size`` sequences."""
+        return ModelState([b.init_state(batch_size) for b in self.blocks], batch_size=batch_size)
+
+    def _check_ids(self, ids: torch.Tensor, start: int) -> None:
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"ids must be an integer tensor (batch, time); got {ids.dtype} {tuple(ids.shape)}")
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1}); "
+                    "was the input encoded with this model's tokenizer?"
+                )
+        limit = self.config.max_seq_len
+        if limit is not None and start + ids.shape[1] > limit:
+            raise ValueError(
+                f"sequence of {start + ids.shape[1]} tokens exceeds this model's limit of {limit} "
+                f"positions (model.max_seq_len); shorten the input"
+            )
+
+    def forward(self, ids: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
+        start = 0 if state is None else state.seq_len
+        self._check_ids(ids, start)
+        if state is not None and state.batch_size != ids.shape[0]:
+            raise ValueError(f"state was made for batch size {state.batch_size}; ids have {ids.shape[0]}")
+        x = self.embed(ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + ids.shape[1], device=ids.device))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if state is None else state.layers[i])
+        if state is not None:
+            state.seq_len += ids.shape[1]
+        return self.lm_head(self.norm(x))
+
+    def num_parameters(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.embed.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): ``6 N`` for the matmuls plus the
+        causal attention scores, ``6 * layers * seq_len * heads * head_dim`` (PaLM, App. B,
+        halved for causality)."""
+        c = self.config
+        n_attn = sum(1 for name in c.layers if name == "attention")
+        return 6 * self.num_parameters(embeddings=False) + 6 * n_attn * seq_len * c.n_heads * c.head_dim

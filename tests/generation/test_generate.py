@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from longctx.generation import generate, sample_next, stream
+from longctx.model import LanguageModel, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LanguageModel(ModelConfig(vocab_size=40, d_model=32, layers=["attention"] * 2, n_heads=2)).eval()
+
+
+def test_greedy_is_deterministic_and_matches_argmax_of_full_forward(model):
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    out = generate(model, prompt, 12, temperature=0)
+    assert torch.equal(out, generate(model, prompt, 12, temperature=0))
+    with torch.no_grad():
+        logits = model(out[:, :-1])
+    torch.testing.assert_close(logits[:, 3:].argmax(-1), out[:, 4:], rtol=0, atol=0)
+
+
+def test_seeded_sampling_repeats(model):
+    a = generate(model, [5, 6], 20, temperature=1.0, top_k=10, top_p=0.9, seed=3)
+    b = generate(model, [5, 6], 20, temperature=1.0, top_k=10, top_p=0.9, seed=3)
+    assert torch.equal(a, b) and a.shape == (1, 22)
+
+
+def test_stream_yields_as_it_goes_and_stops(model):
+    first = next(stream(model, [1, 2], 100, temperature=0))
+    tokens = list(stream(model, [1, 2], 100, temperature=0, stop=[int(first)]))
+    assert len(tokens) == 1
+
+
+def test_top_k_and_top_p_restrict_support():
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {int(sample_next(logits, top_k=2, generator=g)) for _ in range(200)}
+    assert picks == {0, 1}
+    picks = {int(sample_next(logits, top_p=0.5, generator=g)) for _ in range(200)}
+    assert picks == {0}
+
+
+def test_bad_sampling_arguments(model):
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [1], 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [1], 2, top_p=0)
+
+
+def test_prompt_too_long_for_absolute_positions():
+    m = LanguageModel(ModelConfig(vocab_size=40, d_model=16, layers=["attention"], n_heads=2, pos="learned", max_seq_len=8))
+    with pytest.raises(ValueError, match="exceeds this model's limit of 8"):
+        generate(m, list(range(6)), 5)
