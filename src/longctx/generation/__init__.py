@@ -2,5 +2,6 @@
 
 from longctx.generation.generate import generate, stream
 from longctx.generation.sampling import sample_next
+from longctx.generation.text import generate_text, stream_text
 
-__all__ = ["generate", "sample_next", "stream"]
+__all__ = ["generate", "generate_text", "sample_next", "stream", "stream_text"]

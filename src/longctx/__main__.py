@@ -1,0 +1,3 @@
+from longctx.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""``longctx`` command line: argument parsing and wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from longctx.data import DataError
+from longctx.model import ConfigError
+from longctx.train.checkpoint import CheckpointError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from longctx.train import load_run_config, train
+    from longctx.train.checkpoint import read_run_config
+
+    out = Path(args.out)
+    if args.resume:
+        if args.preset or args.config:
+            raise ConfigError("--resume takes the run's own config.json; drop --preset/--config (use --set to change train settings)")
+        cfg = load_run_config(base=read_run_config(out), overrides=args.set)
+    else:
+        cfg = load_run_config(args.preset or "tiny", args.config, args.set)
+    if args.data is not None:
+        cfg.data.path = args.data
+    result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
+    if result.interrupted:
+        return 130
+    if result.val is not None:
+        print(
+            f"final: validation {result.val['bpb']:.3f} bits/byte (loss {result.val['loss']:.4f}, "
+            f"perplexity {result.val['ppl']:.2f}); unigram byte model {result.unigram_bpb:.3f} bits/byte"
+        )
+    if result.sample is not None:
+        print("sample:\n" + result.sample)
+    print(f"run saved in {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from longctx.generation import stream_text
+    from longctx.train.checkpoint import load_run
+
+    _, model, tokenizer, _ = load_run(args.run, args.checkpoint)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for piece in stream_text(
+        model, tokenizer, args.prompt, args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from longctx.data import encode_corpus, iter_windows
+    from longctx.eval import evaluate_loss
+    from longctx.train.checkpoint import load_run
+
+    cfg, model, tokenizer, path = load_run(args.run, args.checkpoint)
+    tokens, _ = encode_corpus(args.data, tokenizer)
+    if args.max_tokens:
+        tokens = tokens[: args.max_tokens + 1]
+    seq_len = args.seq_len or cfg.train.seq_len
+    result = evaluate_loss(model, iter_windows(tokens, seq_len, args.batch_size), tokenizer.token_bytes())
+    result.update(checkpoint=str(path), data=args.data, seq_len=seq_len)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['tokens']:,} tokens at context {seq_len}: loss {result['loss']:.4f} nats/token, "
+            f"perplexity {result['ppl']:.3f}, {result['bpb']:.4f} bits/byte"
+        )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from longctx.train.checkpoint import list_checkpoints, load_run
+
+    cfg, model, tokenizer, path = load_run(args.run)
+    summary_path = Path(args.run) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    info = {
+        "run": str(args.run),
+        "parameters": model.num_parameters(),
+        "tokenizer": tokenizer.kind,
+        "latest_checkpoint": path.name,
+        "checkpoints": [p.name for p in list_checkpoints(args.run)],
+        "summary": summary,
+        "config": cfg.to_dict(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from longctx.train.config import preset_names
+
+    parser = argparse.ArgumentParser(prog="longctx", description="Train, run and measure long-context models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a preset or TOML config")
+    p.add_argument("--preset", help=f"preset name ({', '.join(preset_names())}); default tiny")
+    p.add_argument("--config", help="TOML file applied over the preset")
+    p.add_argument("--data", help="corpus: file, folder or glob (default: this Python's standard library)")
+    p.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="save a checkpoint and stop after STEP (continue later with --resume)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="generate text from a trained run, printed as it comes")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a corpus")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", required=True, help="file, folder or glob")
+    p.add_argument("--seq-len", type=int, default=None, help="context per window (default: training length)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("info", help="describe a run: config, parameters, checkpoints, results")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with torch.inference_mode(args.command != "train"):
+            return args.func(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,32 @@
+"""Text in, text out: generation through a tokenizer, streamed as it is produced."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from longctx.generation.generate import stream
+
+
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, **sampling) -> Iterator[str]:
+    """Yield the generated text piece by piece (complete characters only), stopping at eos.
+
+    ``sampling`` takes ``stream``'s arguments (temperature, top_k, top_p, seed, state).
+    """
+    ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
+    decoder = tokenizer.stream_decoder()
+    model.eval()
+    for token in stream(model, ids, max_new_tokens, stop=[tokenizer.eos_id], **sampling):
+        token = int(token[0])
+        if token == tokenizer.eos_id:
+            break
+        piece = decoder.push(token)
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, **sampling) -> str:
+    """The prompt followed by up to ``max_new_tokens`` generated tokens, as text."""
+    return prompt + "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **sampling))

@@ -1,0 +1,220 @@
+"""Checkpoints in a run directory: weights and optimizer in safetensors, trainer state in
+JSON, each written to a temporary directory and renamed into place (atomic).
+
+Layout::
+
+    RUN/config.json                      the resolved RunConfig
+    RUN/checkpoints/step_000200/         model.safetensors, optimizer.safetensors, trainer.json
+    RUN/checkpoints/latest               name of the newest complete checkpoint
+
+A crash mid-write leaves only a ``.tmp-*`` directory, never a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from longctx.model.config import ConfigError
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model."""
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = checkpoint_dir(Path(run_dir)) / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} points to {path.name}, which does not exist")
+    return path
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = checkpoint_dir(Path(run_dir))
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split the optimizer state into tensors (safetensors) and the rest (JSON)."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write ``checkpoints/step_{step}`` atomically, point ``latest`` at it, prune old ones."""
+    root = checkpoint_dir(Path(run_dir))
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_model_weights(model, tmp / "model.safetensors")
+        tensors, rest = _optimizer_tensors(optimizer)
+        tensors["torch_rng_state"] = torch.get_rng_state()
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state, "optimizer": rest}, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer_tmp = root / ".latest.tmp"
+    pointer_tmp.write_text(final.name)
+    os.replace(pointer_tmp, root / "latest")
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with tied tensors once, under their first name."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            tensors[name] = t
+    return tensors
+
+
+def save_model_weights(model: nn.Module, path: Path) -> None:
+    """Weights as safetensors; tied tensors are stored once."""
+    save_file({n: t.detach().cpu().contiguous() for n, t in _unique_state(model).items()}, str(path))
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt or truncated ({e}); "
+            f"use another checkpoint in {path.parent.parent} or retrain"
+        ) from None
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load safetensors weights, checking names and shapes against the model."""
+    path = Path(path)
+    tensors = _load_safetensors(path)
+    expected = _unique_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{n}: file {tuple(tensors[n].shape)} vs model {tuple(expected[n].shape)}"
+        for n in tensors if n in expected and tensors[n].shape != expected[n].shape
+    ]
+    if missing or unexpected or wrong:
+        details = "; ".join(filter(None, [
+            f"missing {', '.join(missing[:5])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
+            f"shape mismatch {', '.join(wrong[:5])}" if wrong else "",
+        ]))
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model config ({details}); "
+            "load it with the config it was trained with (the run's config.json)"
+        )
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Restore weights (and optimizer and RNG when ``optimizer`` is given); return trainer state."""
+    load_model_weights(model, path / "model.safetensors")
+    try:
+        trainer = json.loads((path / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / 'trainer.json'} is missing or corrupt ({e})") from None
+    if optimizer is not None:
+        tensors = _load_safetensors(path / "optimizer.safetensors")
+        torch.set_rng_state(tensors.pop("torch_rng_state"))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": trainer["optimizer"]["param_groups"]})
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"optimizer state in {path} does not fit this model: {e}") from None
+    return trainer
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a longctx run directory (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
+    """The trained model of a run directory: ``(RunConfig, LanguageModel, tokenizer, checkpoint path)``.
+
+    ``checkpoint`` picks one under ``RUN/checkpoints`` (a ``step_*`` name or a path);
+    default the latest.
+    """
+    from longctx.data import load_tokenizer
+    from longctx.model import LanguageModel
+    from longctx.train.config import RunConfig
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    cfg = RunConfig.from_dict(read_run_config(run_dir))
+    if checkpoint is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first (longctx train --out {run_dir})")
+    else:
+        path = Path(checkpoint)
+        if not path.is_dir():
+            path = checkpoint_dir(run_dir) / str(checkpoint)
+        if not path.is_dir():
+            names = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+            raise CheckpointError(f"no checkpoint {checkpoint!r} in {run_dir}; available: {names}")
+    tokenizer = load_tokenizer(run_dir)
+    model = LanguageModel(cfg.model)
+    load_model_weights(model, path / "model.safetensors")
+    model.eval()
+    return cfg, model, tokenizer, path
