@@ -120,3 +120,27 @@ def test_prompt_too_long_for_absolute_positions(tmp_path, tiny_corpus, capsys):
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "x" * 30, "--max-new-tokens", "5"]) == 2
     assert "limit of 32 positions" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_corpus):
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "longctx", "train", "--data", str(tiny_corpus), "--out", str(run), "--quiet",
+            *TINY, "--set", "train.steps=100000", "--set", "train.save_every=100000"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and _metrics(run)):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in out
+    step = int(out.split("interrupted at step ")[1].split(";")[0])
+    assert (run / "checkpoints" / f"step_{step:06d}").is_dir()
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--set", f"train.steps={step + 2}"]) == 0
+    steps = [r["step"] for r in _metrics(run) if "loss" in r]
+    assert steps == list(range(1, step + 3))

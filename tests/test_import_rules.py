@@ -1,0 +1,60 @@
+"""The layering of ARCHITECTURE.md, enforced by walking every import with ast."""
+
+import ast
+import sys
+from pathlib import Path
+
+import longctx
+
+PACKAGE = Path(longctx.__file__).parent
+
+# Which longctx subpackages each subpackage may import (besides itself).
+ALLOWED = {
+    "ops": set(),
+    "cache": {"ops"},
+    "layers": {"ops", "cache"},
+    "model": {"ops", "cache", "layers"},
+    "data": set(),
+    "generation": {"ops", "cache", "layers", "model", "data"},
+    "eval": {"ops", "cache", "layers", "model", "data", "generation"},
+    "train": {"ops", "cache", "layers", "model", "data", "generation", "eval"},
+    "distributed": {"ops", "cache", "layers", "model"},
+    "configs": set(),
+}
+
+
+def _imports(path: Path):
+    """(longctx subpackage or None, top-level module name) for every import in a file."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.ImportFrom):
+            continue  # relative imports stay inside their own subpackage
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            yield (parts[1] if parts[0] == "longctx" and len(parts) > 1 else None), parts[0]
+
+
+def test_subpackages_import_only_what_their_layer_allows():
+    problems = []
+    for sub in sorted(p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        if sub.name == "cli":
+            continue  # cli wires everything
+        assert sub.name in ALLOWED, f"new subpackage {sub.name}: add its layer to ALLOWED"
+        for file in sub.rglob("*.py"):
+            for target, top in _imports(file):
+                if top == "longctx" and target not in (None, sub.name) and target not in ALLOWED[sub.name]:
+                    problems.append(f"{file.relative_to(PACKAGE)} imports longctx.{target}")
+    assert not problems, "\n".join(problems)
+
+
+def test_ops_import_torch_only():
+    for file in (PACKAGE / "ops").rglob("*.py"):
+        for target, top in _imports(file):
+            third_party = top not in sys.stdlib_module_names and top not in ("longctx", "__future__")
+            assert not third_party or top == "torch", f"{file.name} imports {top}"
+            assert top != "longctx" or target == "ops", f"{file.name} imports longctx.{target}"
