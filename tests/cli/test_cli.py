@@ -93,7 +93,7 @@ def test_existing_run_is_not_overwritten(trained, tiny_corpus, capsys):
 
 def test_resume_with_a_different_model_is_refused(trained, capsys):
     assert main(["train", "--out", str(trained), "--resume", "--set", "model.d_model=64"]) == 2
-    assert "model config differs" in capsys.readouterr().err
+    assert "[model] differ from the settings" in capsys.readouterr().err
 
 
 def test_truncated_weights_and_mismatched_config(trained, capsys):
@@ -144,3 +144,18 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_corpus):
     assert main(["train", "--out", str(run), "--resume", "--quiet", "--set", f"train.steps={step + 2}"]) == 0
     steps = [r["step"] for r in _metrics(run) if "loss" in r]
     assert steps == list(range(1, step + 3))
+
+
+def test_resume_with_other_data_or_seed_is_refused(trained, tiny_corpus, capsys):
+    assert main(["train", "--out", str(trained), "--resume", "--set", "train.seed=7"]) == 2
+    assert "train.seed differ" in capsys.readouterr().err
+    assert main(["train", "--out", str(trained), "--resume", "--data", str(tiny_corpus / "mod1.py")]) == 2
+    assert "[data] differ" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_start_again(tmp_path, tiny_corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_corpus), "--out", str(run), "--quiet", *TINY,
+                 "--set", "train.lr=1e9", "--set", "train.warmup_steps=0"]) == 2
+    assert "lower train.lr" in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny_corpus), "--out", str(run), "--quiet", *TINY]) == 0

@@ -52,3 +52,25 @@ def test_prompt_too_long_for_absolute_positions():
     m = LanguageModel(ModelConfig(vocab_size=40, d_model=16, layers=["attention"], n_heads=2, pos="learned", max_seq_len=8))
     with pytest.raises(ValueError, match="exceeds this model's limit of 8"):
         generate(m, list(range(6)), 5)
+
+
+def test_continuing_a_session_equals_one_long_generation(model):
+    once = generate(model, [3, 1, 4], 12, temperature=0)
+    state = model.init_state(1)
+    first = generate(model, [3, 1, 4], 5, temperature=0, state=state)
+    assert state.seq_len == 7  # the 5th new token waits, unfed, in state.extra["pending"]
+    second = generate(model, torch.empty(1, 0, dtype=torch.long), 7, temperature=0, state=state)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), once, rtol=0, atol=0)
+    # The caches are ordinary tensors: the model can keep reading them outside generation.
+    with torch.no_grad():
+        model(torch.tensor([[1]]), state)
+
+
+def test_top_p_keeps_ties_together():
+    g = torch.Generator().manual_seed(0)
+    for order in ([0.4, 0.3, 0.3], [0.3, 0.3, 0.4]):
+        logits = torch.tensor([order]).log()
+        picks = {int(sample_next(logits, top_p=0.5, generator=g)) for _ in range(300)}
+        assert picks == {0, 1, 2}
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    assert {int(sample_next(logits, top_p=0.75, generator=g)) for _ in range(300)} == {0, 1}

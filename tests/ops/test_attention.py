@@ -67,19 +67,33 @@ def test_alibi_matches_reference(time, causal, monkeypatch):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
 
 
-def test_non_cpu_kernel_path(monkeypatch):
-    """The plain kernel other devices use gives the same values and gradients."""
+@pytest.mark.parametrize("causal", [True, False])
+def test_path_for_devices_without_the_flash_kernel(causal, monkeypatch):
+    """Other devices go through query blocks and a plain kernel: same values and gradients."""
     monkeypatch.setattr(attention_module, "_BLOCK", 16)
-    q, k, v = _inputs(1, 40, 50, 4, 2, 8)
-    slow = attention_module._attention_blocked
-    def blocked_dense(q, k, v, causal, scale, slopes):
-        monkeypatch.setattr(attention_module, "_kernel", attention_module._dense)
-        return slow(q, k, v, causal, scale, slopes)
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    expected = attention(q, k, v)
-    out, lse = blocked_dense(qt, kt.repeat_interleave(2, 1), vt.repeat_interleave(2, 1), True, 8**-0.5, None)
-    torch.testing.assert_close(out.transpose(1, 2), expected[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.transpose(1, 2), expected[1], atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(attention_module, "_has_flash", lambda device: False)
+    q, k, v = _inputs(2, 40, 50 if causal else 40, 4, 2, 8)
+    fast = _grads(attention, q, k, v, causal=causal)
+    ref = _grads(attention_ref, q.double(), k.double(), v.double(), causal=causal)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
+
+
+def test_non_causal_alibi_penalises_distance_both_ways():
+    q = torch.zeros(1, 5, 1, 4)
+    k = torch.zeros(1, 5, 1, 4)
+    v = torch.arange(5.0).view(1, 5, 1, 1).expand(1, 5, 1, 4).contiguous()
+    out, _ = attention(q, k, v, causal=False, alibi_slopes=torch.tensor([1.0]))
+    torch.testing.assert_close(out[0, 2, 0, 0], torch.tensor(2.0))  # symmetric around itself
+
+
+def test_no_keys_gives_zero_output_attached_to_the_graph():
+    q = torch.randn(1, 3, 2, 4, requires_grad=True)
+    k = torch.randn(1, 0, 2, 4)
+    out, lse = attention(q, k, k, causal=False)
+    assert torch.isneginf(lse).all() and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
 
 
 @pytest.mark.parametrize("split", [1, 30, 63])
@@ -115,6 +129,11 @@ def test_merge_with_empty_rows():
     torch.testing.assert_close(m_lse, lse)
     both_out, both_lse = merge(empty_out, empty_lse, empty_out, empty_lse)
     assert not both_out.isnan().any() and torch.isinf(both_lse).all()
+    # Gradients through rows that saw no key at all stay finite (zero).
+    parts = [t.clone().requires_grad_() for t in (empty_out, empty_lse, empty_out, empty_lse)]
+    m_out, m_lse = merge(*parts)
+    (m_out.sum() + m_lse.masked_fill(torch.isinf(m_lse), 0).sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in parts)
 
 
 def test_bad_shapes_raise():

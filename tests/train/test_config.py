@@ -49,3 +49,9 @@ def test_schedule_warms_up_then_decays_to_floor():
     assert lr_at(100, cfg) == pytest.approx(0.1)
     lrs = [lr_at(s, cfg) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize("override,match", [("sample.top_k=0", "sample.top_k"), ("sample.top_p=1.5", "sample.top_p")])
+def test_sample_settings_are_checked_up_front(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_run_config("tiny", overrides=[override])

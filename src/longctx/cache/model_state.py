@@ -31,7 +31,17 @@ class ModelState:
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a ``state_dict``; it must come from a model with the same layers."""
+        if "seq_len" not in state:
+            raise ValueError("saved state has no 'seq_len'; it was not written by ModelState.state_dict")
+        seq_len = int(state["seq_len"])
+        layer_ids = {int(k.split(".")[1]) for k in state if k.startswith("layers.")}
+        if layer_ids - set(range(len(self.layers))) or (seq_len and len(layer_ids) != len(self.layers)):
+            raise ValueError(
+                f"saved state covers layers {sorted(layer_ids)}, this model has {len(self.layers)} layers; "
+                "load it into the model it was saved from"
+            )
         for i, s in enumerate(self.layers):
             prefix = f"layers.{i}."
             s.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-        self.seq_len = int(state["seq_len"])
+        self.seq_len = seq_len

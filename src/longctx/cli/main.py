@@ -13,7 +13,7 @@ from longctx.data import DataError
 from longctx.model import ConfigError
 from longctx.train.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError, FloatingPointError)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -14,12 +14,12 @@ def _as_batch(ids) -> torch.Tensor:
     ids = torch.as_tensor(ids, dtype=torch.long)
     if ids.dim() == 1:
         ids = ids[None]
-    if ids.dim() != 2 or ids.shape[1] == 0:
-        raise ValueError(f"prompt ids must be a non-empty (time,) or (batch, time) sequence; got shape {tuple(ids.shape)}")
+    if ids.dim() != 2:
+        raise ValueError(f"prompt ids must be a (time,) or (batch, time) sequence; got shape {tuple(ids.shape)}")
     return ids
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the caches must stay usable outside it
 def stream(
     model,
     ids,
@@ -36,15 +36,25 @@ def stream(
 
     The prompt ``ids`` ``(time,)`` or ``(batch, time)`` is prefilled in one pass, then each
     step feeds one token through the cache.  A sequence that produced a ``stop`` token
-    keeps producing it; iteration ends when every sequence has stopped.  Pass ``state``
-    to continue a session (``ids`` are then the new tokens only).
+    keeps producing it; iteration ends when every sequence has stopped.
+
+    Pass ``state`` to continue a session: ``ids`` are then the new tokens only.  The last
+    token yielded has not been through the model yet (no step is spent on a token nobody
+    may want); it waits in ``state.extra["pending"]`` and is fed first on the next call.
     """
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     ids = _as_batch(ids).to(next(model.parameters()).device)
+    if state is None:
+        state = model.init_state(ids.shape[0])
+    pending = state.extra.pop("pending", None)
+    if pending is not None:
+        ids = torch.cat([pending.to(ids.device), ids.expand(pending.shape[0], -1)], dim=1)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos_id)")
     limit = model.config.max_seq_len
-    seen = 0 if state is None else state.seq_len
+    seen = state.seq_len
     if limit is not None and seen + ids.shape[1] + max_new_tokens > limit:
         raise ValueError(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds this model's "
@@ -54,18 +64,18 @@ def stream(
     if seed is not None:
         generator = torch.Generator(device=ids.device).manual_seed(seed)
     stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=ids.device)
-    if state is None:
-        state = model.init_state(ids.shape[0])
     logits = model(ids, state)[:, -1]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         token = torch.where(done, ids[:, -1], token)
         done |= torch.isin(token, stop_ids)
         ids = token[:, None]
+        state.extra["pending"] = ids
         yield token
-        if bool(done.all()):
+        if bool(done.all()) or step == max_new_tokens - 1:
             return
+        del state.extra["pending"]
         logits = model(ids, state)[:, -1]
 
 

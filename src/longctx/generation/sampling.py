@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -12,6 +14,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_k must be >= 1; got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+    if temperature == 0 and (top_k is not None or (top_p is not None and top_p < 1)):
+        warnings.warn("top_k and top_p are ignored with temperature 0 (greedy)", stacklevel=3)
 
 
 def sample_next(
@@ -30,11 +34,13 @@ def sample_next(
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens before it already reach top_p (the first always stays).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        sorted_probs = torch.sort(probs, dim=-1, descending=True).values
+        # The smallest set whose mass reaches top_p ends at the first index where the
+        # cumulative mass does; every token at least that probable stays, so ties are
+        # kept or dropped together (like top_k), whatever their order.
+        cut = (sorted_probs.cumsum(dim=-1) < top_p).sum(dim=-1, keepdim=True).clamp_max(probs.shape[-1] - 1)
+        threshold = sorted_probs.gather(-1, cut)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -32,8 +32,8 @@ class Attention(nn.Module):
             "alibi_slopes", alibi_slopes(self.n_heads) if self.pos == "alibi" else None, persistent=False
         )
 
-    def init_state(self, batch_size: int) -> KVCache:
-        return KVCache(batch_size)
+    def init_state(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return KVCache(batch_size, max_len)
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> torch.Tensor:
         batch, time, _ = x.shape

@@ -18,8 +18,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
 
-    def init_state(self, batch_size: int):
-        return self.mixer.init_state(batch_size)
+    def init_state(self, batch_size: int, max_len: int | None = None):
+        return self.mixer.init_state(batch_size, max_len)
 
     def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), state)

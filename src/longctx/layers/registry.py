@@ -1,7 +1,7 @@
 """Mixer registry: a layer list names its mixers, the model looks them up here.
 
 A mixer class is built as ``cls(config, layer_idx)`` and has ``forward(x, state=None)``
-and ``init_state(batch_size)``.  New mixers register with ``@register_mixer("name")``
+and ``init_state(batch_size, max_len=None)``.  New mixers register with ``@register_mixer("name")``
 and become usable in any ``ModelConfig.layers`` without touching the model.
 """
 

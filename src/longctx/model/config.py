@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,8 @@ class ModelConfig:
             raise ConfigError(f"model.norm_eps must be positive; got {self.norm_eps}")
         if not self.init_std > 0:
             raise ConfigError(f"model.init_std must be positive; got {self.init_std}")
+        if self.pos != "rope" and self.rope_theta != 10000.0:
+            warnings.warn(f"model.rope_theta is ignored with model.pos = {self.pos!r}", stacklevel=3)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":

@@ -49,9 +49,10 @@ class LanguageModel(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def init_state(self, batch_size: int = 1) -> ModelState:
-        """A fresh state (empty caches) for ``batch_size`` sequences."""
-        return ModelState([b.init_state(batch_size) for b in self.blocks], batch_size=batch_size)
+    def init_state(self, batch_size: int = 1, max_len: int | None = None) -> ModelState:
+        """A fresh state (empty caches) for ``batch_size`` sequences; ``max_len``, when known,
+        lets caches allocate once."""
+        return ModelState([b.init_state(batch_size, max_len) for b in self.blocks], batch_size=batch_size)
 
     def _check_ids(self, ids: torch.Tensor, start: int) -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

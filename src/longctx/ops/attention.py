@@ -52,9 +52,14 @@ def _causal_mask(time: int, kv_time: int, device: torch.device) -> torch.Tensor:
 
 
 def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """ALiBi additive bias ``-slope_h * (q_pos - k_pos)`` of shape ``(heads, time, kv_time)``."""
-    dist = (q_pos[:, None] - k_pos[None, :]).to(slopes.dtype)
-    return -slopes[:, None, None] * dist
+    """ALiBi additive bias ``-slope_h * |q_pos - k_pos|``, fp32 ``(heads, time, kv_time)``.
+
+    Causal attention only sees ``k_pos <= q_pos``, where this is the paper's
+    ``-slope * (i - j)``; the absolute value makes the non-causal case penalise distance
+    in both directions instead of rewarding far-future keys.
+    """
+    dist = (q_pos[:, None] - k_pos[None, :]).abs().float()
+    return -slopes.float()[:, None, None] * dist
 
 
 def attention_ref(
@@ -81,7 +86,7 @@ def attention_ref(
     s = torch.einsum("bthd,bshd->bhts", q.to(dtype), k.to(dtype)) * scale
     if alibi_slopes is not None:
         q_pos = torch.arange(kv_time - time, kv_time, device=q.device)
-        s = s + alibi_bias(alibi_slopes.to(dtype), q_pos, torch.arange(kv_time, device=q.device))
+        s = s + alibi_bias(alibi_slopes, q_pos, torch.arange(kv_time, device=q.device)).to(dtype)
     if causal:
         s = s.masked_fill(~_causal_mask(time, kv_time, q.device), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
@@ -143,9 +148,14 @@ def _dense(q, k, v, causal: bool, scale: float, mask=None):
     return torch.einsum("bhts,bhsd->bhtd", p, v.float()).to(q.dtype), lse
 
 
+def _has_flash(device: torch.device) -> bool:
+    """Whether the fused kernel with a log-sum-exp output runs on ``device``."""
+    return device.type == "cpu"
+
+
 def _kernel(q, k, v, causal: bool, scale: float, mask=None):
     """One fused attention call, ``(B, H, T, D)`` in and out; lse ``(B, H, T)`` in fp32."""
-    if q.device.type == "cpu":
+    if _has_flash(q.device):
         return _FlashAttention.apply(q, k, v, causal, scale, mask)
     return _dense(q, k, v, causal, scale, mask)
 
@@ -179,7 +189,7 @@ def _attention_blocked(q, k, v, causal: bool, scale: float, slopes):
         if slopes is None:
             bias = q.new_zeros(1, stop - start, end)
         else:
-            bias = alibi_bias(slopes.to(q.dtype), q_pos, k_pos[:end])
+            bias = alibi_bias(slopes, q_pos, k_pos[:end]).to(q.dtype)
         if causal:
             bias = bias.masked_fill(k_pos[None, None, :end] > q_pos[None, :, None], float("-inf"))
         out, lse = _kernel(q[:, :, start:stop], k[:, :, :end], v[:, :, :end], False, scale, bias[None])
@@ -221,11 +231,15 @@ def attention(
     if alibi_slopes is not None and alibi_slopes.shape != (q.shape[2],):
         raise ValueError(f"alibi_slopes must have shape ({q.shape[2]},); got {tuple(alibi_slopes.shape)}")
     if time == 0 or kv_time == 0:
+        # No keys: output 0 and lse -inf, still attached to the graph (zero gradients).
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-        return torch.zeros_like(q), lse
+        return q * 0 + (k.sum() + v.sum()) * 0, lse
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    if alibi_slopes is not None or (q.device.type != "cpu" and causal):
+    if alibi_slopes is not None or not _has_flash(q.device):
+        # The blocked path takes one kv head per query head.
+        kt = kt.repeat_interleave(q.shape[2] // k.shape[2], dim=1)
+        vt = vt.repeat_interleave(q.shape[2] // k.shape[2], dim=1)
         out, lse = _attention_blocked(qt, kt, vt, causal, scale, alibi_slopes)
     elif causal and kv_time > time:
         out, lse = _attention_causal_offset(qt, kt, vt, scale)
@@ -247,10 +261,13 @@ def merge(
     with lse ``-inf`` in one part takes the other part unchanged; with ``-inf`` in both it
     stays 0 / ``-inf``.  Differentiable in all four inputs.
     """
-    lse = torch.logaddexp(lse_a, lse_b)
-    # Guard rows where both are -inf: exp(-inf - -inf) would be nan.
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
-    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    # Rows where both sides saw no key: logaddexp(-inf, -inf) has a nan gradient, so
+    # compute those rows on zeros and put the -inf back afterwards.
+    empty = torch.isneginf(lse_a) & torch.isneginf(lse_b)
+    safe_a = torch.where(empty, torch.zeros_like(lse_a), lse_a)
+    safe_b = torch.where(empty, torch.zeros_like(lse_b), lse_b)
+    both = torch.logaddexp(safe_a, safe_b)
+    w_a = torch.exp(safe_a - both).masked_fill(empty, 0.0).unsqueeze(-1)
+    w_b = torch.exp(safe_b - both).masked_fill(empty, 0.0).unsqueeze(-1)
     out = (w_a * out_a.float() + w_b * out_b.float()).to(out_a.dtype)
-    return out, lse
+    return out, both.masked_fill(empty, float("-inf"))

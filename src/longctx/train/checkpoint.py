@@ -45,15 +45,28 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = checkpoint_dir(Path(run_dir)) / "latest"
     if not pointer.exists():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} points to {path.name}, which does not exist")
+    name = pointer.read_text().strip()
+    path = pointer.parent / name
+    if not name.startswith("step_") or not path.is_dir():
+        available = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+        raise CheckpointError(
+            f"{pointer} names {name!r}, which is not a checkpoint here (available: {available}); "
+            "write the name of one of them into that file"
+        )
     return path
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_", 1)[1])
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (by step number, not by name)."""
     root = checkpoint_dir(Path(run_dir))
-    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=_step_of)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -88,9 +101,14 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # re-saving a step: move the old one aside first, then drop it
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -87,7 +87,9 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 0, f"sample.max_new_tokens must be >= 0; got {self.max_new_tokens}")
-        _check(self.temperature >= 0, f"sample.temperature must be >= 0; got {self.temperature}")
+        _check(self.temperature >= 0, f"sample.temperature must be >= 0 (0 is greedy); got {self.temperature}")
+        _check(self.top_k >= 1, f"sample.top_k must be >= 1; got {self.top_k}")
+        _check(0 < self.top_p <= 1, f"sample.top_p must be in (0, 1]; got {self.top_p}")
 
 
 @dataclass

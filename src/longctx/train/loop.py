@@ -96,19 +96,28 @@ def _stop_on_signal():
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a run; on resume, refuse a model config that differs from the run's."""
-    if resume:
-        saved = read_run_config(run_dir)
-        if saved.get("model") != cfg.to_dict()["model"]:
+    """Refuse to overwrite a run; on resume, refuse settings that would change its course.
+
+    A directory with a config but no checkpoint (a run that failed before its first save)
+    may be started afresh.
+    """
+    if not resume:
+        if list_checkpoints(run_dir):
             raise ConfigError(
-                f"the model config differs from the one {run_dir} was trained with; "
-                "resume without changing [model] settings, or start a new run with another --out"
+                f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out"
             )
-        if latest_checkpoint(run_dir) is None:
-            raise CheckpointError(f"{run_dir} has no checkpoint to resume from; train without --resume")
-    elif list_checkpoints(run_dir) or (run_dir / "config.json").exists():
+        return
+    saved = read_run_config(run_dir)
+    if latest_checkpoint(run_dir) is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from; train without --resume")
+    new = cfg.to_dict()
+    changed = [f"[{section}]" for section in ("model", "data") if saved.get(section) != new[section]]
+    if saved.get("train", {}).get("seed") != new["train"]["seed"]:
+        changed.append("train.seed")
+    if changed:
         raise ConfigError(
-            f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out"
+            f"{', '.join(changed)} differ from the settings {run_dir} was trained with, which would change "
+            "the model or its data; resume without changing them, or start a new run with another --out"
         )
 
 
@@ -203,9 +212,10 @@ def train(
             window_steps += 1
             train_loss = loss_sum / tc.grad_accum
             if not math.isfinite(train_loss):
+                last = latest_checkpoint(run_dir) if list_checkpoints(run_dir) else None
                 raise FloatingPointError(
-                    f"training loss became {train_loss} at step {step}; lower train.lr or raise train.warmup_steps "
-                    f"(checkpoints up to the last finite step are in {run_dir / 'checkpoints'})"
+                    f"training loss became {train_loss} at step {step}; lower train.lr or raise "
+                    "train.warmup_steps" + (f" (last good checkpoint: {last})" if last else "")
                 )
             bar.update(1)
             if step % tc.log_every == 0 or step == end:
@@ -230,7 +240,7 @@ def train(
         return TrainResult(step, True, val, unigram, None)
 
     sample = None
-    if step == tc.steps:
+    if step == tc.steps and val is not None:  # skip when a finished run was resumed
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", unigram)
         write_json_atomic(run_dir / "summary.json", {
             "step": step, "val": val, "unigram_bpb": unigram, "parameters": model.num_parameters(),

@@ -29,9 +29,18 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file; a torn last line (the writer was killed) is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not valid JSON ({e}); fix or delete that line") from None
+    return records
 
 
 def plot_loss(metrics_path: Path, out_path: Path, baseline_bpb: float | None = None) -> Path | None:
