@@ -100,4 +100,7 @@ class LanguageModel(nn.Module):
         halved for causality)."""
         c = self.config
         n_attn = sum(1 for name in c.layers if name == "attention")
-        return 6 * self.num_parameters(embeddings=False) + 6 * n_attn * seq_len * c.n_heads * c.head_dim
+        matmul_params = self.num_parameters(embeddings=False)
+        if c.tie_embeddings:  # the LM head is a matmul even when it shares the embedding
+            matmul_params += self.lm_head.weight.numel()
+        return 6 * matmul_params + 6 * n_attn * seq_len * c.n_heads * c.head_dim

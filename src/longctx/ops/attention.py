@@ -117,9 +117,9 @@ class _FlashAttention(torch.autograd.Function):
         if d_out is None:
             d_out = torch.zeros_like(out)
         if d_lse is None or not bool(d_lse.any()):
-            dq, dk, dv = _flash_bwd(
-                d_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, attn_mask=mask, scale=ctx.scale
-            )
+            # d_out arrives with the kernel output's strides; a .contiguous() copy here
+            # would cost two extra (B, T, H, D) tensors for nothing.
+            dq, dk, dv = _flash_bwd(d_out, q, k, v, out, lse, 0.0, ctx.causal, attn_mask=mask, scale=ctx.scale)
             return dq, dk, dv, None, None, None
         # d lse_i / d s_ij = p_ij, so the score gradient becomes p * (dp - delta + d_lse).
         # The kernel computes dp = d_out . v and delta = d_out . out; appending a column of

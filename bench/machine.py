@@ -1,0 +1,115 @@
+"""This machine's limits, measured in the same run as a benchmark, and result output.
+
+- ``matmul_gflops``: best of ``repeats`` square ``n x n`` matmuls (``2 n^3`` FLOPs each), run
+  with all the threads torch uses; the denominator of every "fraction of peak".
+- ``memory_gbps``: best of several copies of a 256 MiB tensor, (bytes read + written) / time.
+- ``machine_info``: torch version, thread count, CPU model.
+- ``write_result``: print rows as an aligned plain-text table and write
+  ``bench/results/<name>.json`` (rows, extra, machine info).
+
+Benchmark scripts import this module as ``from machine import ...``; it works because
+``python bench/<script>.py`` puts ``bench/`` first on ``sys.path``.  Run this file alone
+(``python bench/machine.py``) to print the machine's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def matmul_gflops(n: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 10) -> float:
+    """Best achieved GFLOP/s of ``n x n @ n x n`` over ``repeats`` runs.
+
+    Preceded by ~0.3 s of warmup matmuls: the first calls here run at half speed (thread
+    pool start-up, page faults, clock ramp), which would understate the peak.
+    """
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    t_end = time.perf_counter() + 0.3
+    while time.perf_counter() < t_end:
+        torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def memory_gbps(mbytes: int = 256, repeats: int = 5) -> float:
+    """Best (bytes read + bytes written) / time of copying a ``mbytes`` MiB fp32 tensor."""
+    src = torch.randn(mbytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),  # other processes share these cores
+    }
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        if x != x:
+            return "-"
+        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return "-" if x is None else str(x)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Aligned plain-text table; columns are the union of row keys in first-seen order."""
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [cols] + [[_fmt(row.get(c)) for c in cols] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_result(name: str, rows: list[dict], extra: dict | None = None) -> Path:
+    """Print ``rows`` as a table (plus ``extra`` as key: value lines) and save them as JSON."""
+    print(format_table(rows))
+    for key, value in (extra or {}).items():
+        print(f"{key}: {_fmt(value)}")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
+               "extra": extra or {}, "rows": rows}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    info = machine_info()
+    info["matmul_gflops_fp32"] = matmul_gflops()
+    info["memory_gbps"] = memory_gbps()
+    for key, value in info.items():
+        print(f"{key}: {_fmt(value)}")
