@@ -77,23 +77,32 @@ def attention_ref(
     Materialises the ``(B, H, T, S)`` score matrix; for tests and small inputs only.
     """
     _check(q, k, v)
-    heads, kv_heads = q.shape[2], k.shape[2]
     time, kv_time = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k = k.repeat_interleave(heads // kv_heads, dim=2)
-    v = v.repeat_interleave(heads // kv_heads, dim=2)
-    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
-    s = torch.einsum("bthd,bshd->bhts", q.to(dtype), k.to(dtype)) * scale
+    group = q.shape[2] // k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.repeat_interleave(group, 2).transpose(1, 2), v.repeat_interleave(group, 2).transpose(1, 2)
+    bias = None
     if alibi_slopes is not None:
         q_pos = torch.arange(kv_time - time, kv_time, device=q.device)
-        s = s + alibi_bias(alibi_slopes, q_pos, torch.arange(kv_time, device=q.device)).to(dtype)
+        bias = alibi_bias(alibi_slopes, q_pos, torch.arange(kv_time, device=q.device))
+    out, lse = _dense(qt, kt, vt, causal, scale, bias)
+    return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+def _dense(q, k, v, causal: bool, scale: float, bias=None):
+    """Dense masked softmax on ``(B, H, T, D)`` with an optional additive ``bias``; computes in
+    fp32 at least (fp64 stays fp64).  The reference, and the kernel of devices without the
+    CPU flash op (called there on blocks of queries)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    s = torch.einsum("bhtd,bhsd->bhts", q.to(dtype), k.to(dtype)) * scale
+    if bias is not None:
+        s = s + bias.to(dtype)
     if causal:
-        s = s.masked_fill(~_causal_mask(time, kv_time, q.device), float("-inf"))
+        s = s.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     # Rows with no allowed key: lse = -inf, output 0 (not nan).
-    p = torch.exp(s - lse.clamp_min(torch.finfo(s.dtype).min)[..., None])
-    out = torch.einsum("bhts,bshd->bthd", p, v.to(dtype))
-    return out.to(q.dtype), lse.transpose(1, 2)
+    p = torch.exp(s - lse.clamp_min(torch.finfo(dtype).min)[..., None])
+    return torch.einsum("bhts,bhsd->bhtd", p, v.to(dtype)).to(q.dtype), lse
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -134,18 +143,6 @@ class _FlashAttention(torch.autograd.Function):
             attn_mask=mask, scale=ctx.scale,
         )
         return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None, None
-
-
-def _dense(q, k, v, causal: bool, scale: float, mask=None):
-    """Plain-autograd kernel for devices without the CPU flash op: ``(B, H, T, D)``."""
-    s = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scale
-    if mask is not None:
-        s = s + mask
-    if causal:
-        s = s.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.clamp_min(torch.finfo(s.dtype).min)[..., None])
-    return torch.einsum("bhts,bhsd->bhtd", p, v.float()).to(q.dtype), lse
 
 
 def _has_flash(device: torch.device) -> bool:
