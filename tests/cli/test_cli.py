@@ -159,3 +159,15 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_start_again(tmp_path,
                  "--set", "train.lr=1e9", "--set", "train.warmup_steps=0"]) == 2
     assert "lower train.lr" in capsys.readouterr().err
     assert main(["train", "--data", str(tiny_corpus), "--out", str(run), "--quiet", *TINY]) == 0
+
+
+def test_bpe_tokenizer_run_trains_and_generates(tmp_path, tiny_corpus, capsys):
+    pytest.importorskip("tokenizers")
+    run = tmp_path / "run"
+    args = [*TINY, "--set", "data.tokenizer='bpe'", "--set", "data.bpe_vocab_size=320", "--set", "train.steps=2"]
+    assert main(["train", "--data", str(tiny_corpus), "--out", str(run), "--quiet", *args]) == 0
+    assert (run / "tokenizer.json").is_file()
+    assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] >= 320
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "def f", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def f")

@@ -12,7 +12,6 @@ import contextlib
 import math
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -145,7 +144,7 @@ def train(
         # A larger embedding than the tokenizer needs is fine (unused rows); smaller is not.
         if resume:
             raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} < tokenizer's {tokenizer.vocab_size}")
-        warnings.warn(f"model.vocab_size {cfg.model.vocab_size} is below the tokenizer's; using {tokenizer.vocab_size}")
+        log(f"model.vocab_size set to the tokenizer's {tokenizer.vocab_size} (config had {cfg.model.vocab_size})")
         cfg.model.vocab_size = tokenizer.vocab_size
     dataset = prepare_dataset(cfg.data.path or None, tokenizer, val_fraction=cfg.data.val_fraction, progress=progress)
     train_ds, val_ds = TokenDataset(dataset, "train"), TokenDataset(dataset, "val")
