@@ -2,5 +2,6 @@
 
 from longctx.cache.kv import KVCache
 from longctx.cache.model_state import ModelState
+from longctx.cache.ssm import SSMState
 
-__all__ = ["KVCache", "ModelState"]
+__all__ = ["KVCache", "ModelState", "SSMState"]

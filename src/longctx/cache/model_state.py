@@ -10,7 +10,11 @@ import torch
 
 @dataclass
 class ModelState:
-    """Per-layer states (``layers[i]`` belongs to block ``i``) and the tokens consumed so far."""
+    """Per-layer states (``layers[i]`` belongs to block ``i``) and the tokens consumed so far.
+
+    ``extra`` holds session tensors beside the layers (generation keeps the token it has
+    not fed yet and its sampler's RNG there); they are saved and restored with the state.
+    """
 
     layers: list[Any]
     seq_len: int = 0
@@ -23,11 +27,14 @@ class ModelState:
         self.seq_len = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensor dict (``layers.{i}.{name}``), ready for safetensors."""
+        """Flat tensor dict (``layers.{i}.{name}``, ``extra.{name}``), ready for safetensors."""
         out = {"seq_len": torch.tensor(self.seq_len)}
         for i, s in enumerate(self.layers):
             for name, t in s.state_dict().items():
                 out[f"layers.{i}.{name}"] = t
+        for name, t in self.extra.items():
+            if isinstance(t, torch.Tensor):
+                out[f"extra.{name}"] = t.detach().clone()
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -45,3 +52,4 @@ class ModelState:
             prefix = f"layers.{i}."
             s.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
         self.seq_len = seq_len
+        self.extra = {k[len("extra.") :]: v for k, v in state.items() if k.startswith("extra.")}

@@ -16,6 +16,12 @@ from longctx.train.checkpoint import CheckpointError
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError, FloatingPointError)
 
 
+def _need_tokenizer(tokenizer, run) -> None:
+    if tokenizer is None:
+        raise DataError(f"{run} has no tokenizer (an imported checkpoint without tokenizer.json); "
+                        "text in and out needs one")
+
+
 def _train(args: argparse.Namespace) -> int:
     from longctx.train import load_run_config, train
     from longctx.train.checkpoint import read_run_config
@@ -45,27 +51,36 @@ def _train(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from longctx.generation import stream_text
-    from longctx.train.checkpoint import load_run
+    from longctx.train.runs import load_run
 
     _, model, tokenizer, _ = load_run(args.run, args.checkpoint)
+    _need_tokenizer(tokenizer, args.run)
+    if args.load_state:
+        state = model.load_state(args.load_state)
+    else:
+        state = model.init_state(1)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     for piece in stream_text(
-        model, tokenizer, args.prompt, args.max_new_tokens,
+        model, tokenizer, args.prompt, args.max_new_tokens, state=state,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     ):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.save_state:
+        model.save_state(state, args.save_state)
+        print(f"state after {state.seq_len} tokens saved to {args.save_state}", file=sys.stderr)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from longctx.data import encode_corpus, iter_windows
     from longctx.eval import evaluate_loss
-    from longctx.train.checkpoint import load_run
+    from longctx.train.runs import load_run
 
     cfg, model, tokenizer, path = load_run(args.run, args.checkpoint)
+    _need_tokenizer(tokenizer, args.run)
     tokens, _ = encode_corpus(args.data, tokenizer)
     if args.max_tokens:
         tokens = tokens[: args.max_tokens + 1]
@@ -83,7 +98,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from longctx.train.checkpoint import list_checkpoints, load_run
+    from longctx.train.checkpoint import list_checkpoints
+    from longctx.train.runs import load_run
 
     cfg, model, tokenizer, path = load_run(args.run)
     summary_path = Path(args.run) / "summary.json"
@@ -91,13 +107,21 @@ def _info(args: argparse.Namespace) -> int:
     info = {
         "run": str(args.run),
         "parameters": model.num_parameters(),
-        "tokenizer": tokenizer.kind,
+        "tokenizer": tokenizer.kind if tokenizer else None,
         "latest_checkpoint": path.name,
         "checkpoints": [p.name for p in list_checkpoints(args.run)],
         "summary": summary,
         "config": cfg.to_dict(),
     }
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from longctx.train.runs import import_hf_run
+
+    run = import_hf_run(args.hf_dir, args.out)
+    print(f"imported {args.hf_dir} into {run}; try: longctx info {run}")
     return 0
 
 
@@ -129,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+    p.add_argument("--save-state", metavar="FILE", help="save the session (caches, states, sampler) when done")
+    p.add_argument("--load-state", metavar="FILE",
+                   help="continue a saved session; --prompt is then new text after it (may be empty)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a corpus")
@@ -140,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("import-hf", help="make a run from a local Hugging Face checkpoint (Mamba, Mamba-2)")
+    p.add_argument("hf_dir", help="directory with config.json and model.safetensors")
+    p.add_argument("out", help="run directory to create")
+    p.set_defaults(func=_import_hf)
 
     p = sub.add_parser("info", help="describe a run: config, parameters, checkpoints, results")
     p.add_argument("run", help="run directory")

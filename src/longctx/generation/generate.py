@@ -41,6 +41,8 @@ def stream(
     Pass ``state`` to continue a session: ``ids`` are then the new tokens only.  The last
     token yielded has not been through the model yet (no step is spent on a token nobody
     may want); it waits in ``state.extra["pending"]`` and is fed first on the next call.
+    Without a ``seed``, sampling continues the RNG kept in ``state.extra["rng"]`` (seeded
+    from torch's global RNG the first time).
     """
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -60,9 +62,15 @@ def stream(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds this model's "
             f"limit of {limit} positions (model.max_seq_len); shorten the prompt or generate fewer tokens"
         )
-    generator = None
+    # The sampler's RNG lives in the state, so a saved and restored session samples the
+    # same continuation as one that never stopped; an explicit seed starts afresh.
+    generator = torch.Generator(device=ids.device)
     if seed is not None:
-        generator = torch.Generator(device=ids.device).manual_seed(seed)
+        generator.manual_seed(seed)
+    elif "rng" in state.extra:
+        generator.set_state(state.extra["rng"])
+    else:
+        generator.manual_seed(int(torch.randint(2**62, ())))
     stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=ids.device)
     logits = model(ids, state)[:, -1]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -72,6 +80,7 @@ def stream(
         done |= torch.isin(token, stop_ids)
         ids = token[:, None]
         state.extra["pending"] = ids
+        state.extra["rng"] = generator.get_state()
         yield token
         if bool(done.all()) or step == max_new_tokens - 1:
             return

@@ -7,15 +7,19 @@ from collections.abc import Iterator
 from longctx.generation.generate import stream
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, **sampling) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, *, state=None, **sampling) -> Iterator[str]:
     """Yield the generated text piece by piece (complete characters only), stopping at eos.
 
-    ``sampling`` takes ``stream``'s arguments (temperature, top_k, top_p, seed, state).
+    ``state`` continues a session (``prompt`` is then the new text, possibly empty);
+    ``sampling`` takes ``stream``'s arguments (temperature, top_k, top_p, seed).
     """
-    ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
+    ids = tokenizer.encode(prompt)
+    fresh = state is None or (state.seq_len == 0 and "pending" not in state.extra)
+    if not ids and fresh:
+        ids = [tokenizer.bos_id]
     decoder = tokenizer.stream_decoder()
     model.eval()
-    for token in stream(model, ids, max_new_tokens, stop=[tokenizer.eos_id], **sampling):
+    for token in stream(model, ids, max_new_tokens, stop=[tokenizer.eos_id], state=state, **sampling):
         token = int(token[0])
         if token == tokenizer.eos_id:
             break

@@ -1,6 +1,9 @@
 """Modules: norms, MLPs, mixers (registered by name) and the residual block."""
 
-from longctx.layers import attention as _attention  # noqa: F401  (registers "attention")
+# Importing a mixer module registers its name.
+from longctx.layers import attention as _attention  # noqa: F401
+from longctx.layers import mamba as _mamba  # noqa: F401
+from longctx.layers import mamba2 as _mamba2  # noqa: F401
 from longctx.layers.block import Block
 from longctx.layers.mlp import SwiGLU
 from longctx.layers.norm import RMSNorm

@@ -31,10 +31,23 @@ class ModelConfig:
     pos: str = "rope"  # rope | alibi | learned (absolute, needs max_seq_len) | none
     rope_theta: float = 10000.0
     max_seq_len: int | None = None  # absolute limit; required by pos="learned"
-    mlp_hidden: int | None = None  # SwiGLU width; None: 8/3 d_model rounded up to 64
+    mlp_hidden: int | None = None  # SwiGLU width; None: 8/3 d_model rounded up to 64; 0: no MLP
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # State-space mixers ("mamba", "mamba2"); defaults are the papers'.
+    ssm_state: int = 16  # N, the state size per channel
+    ssm_expand: int = 2  # d_inner = ssm_expand * d_model
+    ssm_conv: int = 4  # width of the depthwise causal conv
+    ssm_dt_rank: int | None = None  # mamba: None -> ceil(d_model / 16)
+    ssm_dt_min: float = 0.001  # initial step sizes are log-uniform in [dt_min, dt_max]
+    ssm_dt_max: float = 0.1
+    ssm_dt_floor: float = 1e-4
+    ssm_head_dim: int = 64  # mamba2: channels per head
+    ssm_groups: int = 1  # mamba2: heads sharing one B and C
+    ssm_chunk: int = 64  # mamba2: chunk length of the SSD algorithm
+    ssm_bias: bool = False  # biases of the in/out projections
+    ssm_conv_bias: bool = True
 
     def __post_init__(self) -> None:
         self.layers = list(self.layers)
@@ -44,6 +57,8 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.mlp_hidden is None:
             self.mlp_hidden = 64 * -(-(8 * self.d_model) // (3 * 64))
+        if self.ssm_dt_rank is None:
+            self.ssm_dt_rank = -(-self.d_model // 16)
         self.validate()
 
     def validate(self) -> None:
@@ -52,8 +67,27 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{name} must be a positive integer; got {value!r}")
 
-        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden"):
+        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "ssm_state", "ssm_expand",
+                     "ssm_conv", "ssm_dt_rank", "ssm_head_dim", "ssm_groups", "ssm_chunk"):
             positive(name)
+        if not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 0:
+            raise ConfigError(f"model.mlp_hidden must be an integer >= 0 (0: no MLP); got {self.mlp_hidden!r}")
+        if not 0 < self.ssm_dt_min <= self.ssm_dt_max:
+            raise ConfigError(
+                f"need 0 < model.ssm_dt_min <= model.ssm_dt_max; got {self.ssm_dt_min}, {self.ssm_dt_max}"
+            )
+        if "mamba2" in self.layers:
+            d_inner = self.ssm_expand * self.d_model
+            if d_inner % self.ssm_head_dim:
+                raise ConfigError(
+                    f"mamba2 needs ssm_expand * d_model ({d_inner}) divisible by model.ssm_head_dim "
+                    f"({self.ssm_head_dim})"
+                )
+            if (d_inner // self.ssm_head_dim) % self.ssm_groups:
+                raise ConfigError(
+                    f"mamba2 has {d_inner // self.ssm_head_dim} heads, not divisible by model.ssm_groups "
+                    f"({self.ssm_groups})"
+                )
         if not self.layers or not all(isinstance(x, str) for x in self.layers):
             raise ConfigError(f"model.layers must be a non-empty list of mixer names; got {self.layers!r}")
         if self.n_heads % self.n_kv_heads:

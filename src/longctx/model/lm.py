@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from longctx.cache.io import load_state, save_state
 from longctx.cache.model_state import ModelState
 from longctx.layers import Block, RMSNorm, mixer_names
 from longctx.model.config import ConfigError, ModelConfig
@@ -48,11 +49,23 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(module.weight, std=std * scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        # Mixers with parameters of their own kind (SSM step sizes, decays) set them last.
+        for block in self.blocks:
+            if hasattr(block.mixer, "reset_parameters"):
+                block.mixer.reset_parameters()
 
     def init_state(self, batch_size: int = 1, max_len: int | None = None) -> ModelState:
         """A fresh state (empty caches) for ``batch_size`` sequences; ``max_len``, when known,
         lets caches allocate once."""
         return ModelState([b.init_state(batch_size, max_len) for b in self.blocks], batch_size=batch_size)
+
+    def save_state(self, state: ModelState, path) -> None:
+        """Save a state (caches, recurrent states, pending generation) to a safetensors file."""
+        save_state(state, path, self.config.to_dict())
+
+    def load_state(self, path) -> ModelState:
+        """A state restored from ``save_state``'s file; refused if saved by another model config."""
+        return load_state(path, self.init_state, self.config.to_dict())
 
     def _check_ids(self, ids: torch.Tensor, start: int) -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

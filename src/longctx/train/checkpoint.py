@@ -83,20 +83,24 @@ def save_checkpoint(
     run_dir: str | Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     trainer_state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write ``checkpoints/step_{step}`` atomically, point ``latest`` at it, prune old ones."""
+    """Write ``checkpoints/step_{step}`` atomically, point ``latest`` at it, prune old ones.
+
+    Without an optimizer (an imported model) only weights and trainer state are written."""
     root = checkpoint_dir(Path(run_dir))
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         save_model_weights(model, tmp / "model.safetensors")
-        tensors, rest = _optimizer_tensors(optimizer)
-        tensors["torch_rng_state"] = torch.get_rng_state()
-        save_file(tensors, tmp / "optimizer.safetensors")
+        rest = None
+        if optimizer is not None:
+            tensors, rest = _optimizer_tensors(optimizer)
+            tensors["torch_rng_state"] = torch.get_rng_state()
+            save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state, "optimizer": rest}, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -183,6 +187,8 @@ def load_checkpoint(
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / 'trainer.json'} is missing or corrupt ({e})") from None
     if optimizer is not None:
+        if trainer.get("optimizer") is None:
+            raise CheckpointError(f"{path} holds weights only (an imported model): it cannot be resumed")
         tensors = _load_safetensors(path / "optimizer.safetensors")
         torch.set_rng_state(tensors.pop("torch_rng_state"))
         state: dict[int, dict[str, torch.Tensor]] = {}
@@ -205,34 +211,3 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
-
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
-    """The trained model of a run directory: ``(RunConfig, LanguageModel, tokenizer, checkpoint path)``.
-
-    ``checkpoint`` picks one under ``RUN/checkpoints`` (a ``step_*`` name or a path);
-    default the latest.
-    """
-    from longctx.data import load_tokenizer
-    from longctx.model import LanguageModel
-    from longctx.train.config import RunConfig
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist")
-    cfg = RunConfig.from_dict(read_run_config(run_dir))
-    if checkpoint is None:
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first (longctx train --out {run_dir})")
-    else:
-        path = Path(checkpoint)
-        if not path.is_dir():
-            path = checkpoint_dir(run_dir) / str(checkpoint)
-        if not path.is_dir():
-            names = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
-            raise CheckpointError(f"no checkpoint {checkpoint!r} in {run_dir}; available: {names}")
-    tokenizer = load_tokenizer(run_dir)
-    model = LanguageModel(cfg.model)
-    load_model_weights(model, path / "model.safetensors")
-    model.eval()
-    return cfg, model, tokenizer, path

@@ -1,0 +1,47 @@
+"""Recurrent state of one state-space layer: the causal conv's tail and the SSM state."""
+
+from __future__ import annotations
+
+import torch
+
+
+class SSMState:
+    """``conv``: the last ``kernel - 1`` conv inputs, ``(batch, conv_channels, kernel - 1)``;
+    ``ssm``: the SSM state, fp32 (``(batch, channels, state)`` for Mamba,
+    ``(batch, heads, head_dim, state)`` for Mamba-2).  Both start at zero, so a fresh state
+    and no state give the same outputs.  Size is constant, however long the sequence.
+    """
+
+    def __init__(self, batch_size: int, conv_shape: tuple[int, ...], ssm_shape: tuple[int, ...]) -> None:
+        self.batch_size = batch_size
+        self.conv_shape = (batch_size, *conv_shape)
+        self.ssm_shape = (batch_size, *ssm_shape)
+        self.conv: torch.Tensor | None = None
+        self.ssm: torch.Tensor | None = None
+        self.seq_len = 0
+
+    def update(self, conv: torch.Tensor, ssm: torch.Tensor, n_tokens: int) -> None:
+        """Replace both parts after ``n_tokens`` more tokens went through the layer."""
+        if conv.shape != self.conv_shape or ssm.shape != self.ssm_shape:
+            raise ValueError(
+                f"state shapes {tuple(conv.shape)}, {tuple(ssm.shape)} do not match this layer's "
+                f"{self.conv_shape}, {self.ssm_shape}"
+            )
+        self.conv, self.ssm = conv, ssm
+        self.seq_len += n_tokens
+
+    def reset(self) -> None:
+        self.conv = self.ssm = None
+        self.seq_len = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.conv is None:
+            return {}
+        return {"conv": self.conv.detach().clone(), "ssm": self.ssm.detach().clone(),
+                "seq_len": torch.tensor(self.seq_len)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.reset()
+        if state:
+            seq_len = int(state["seq_len"])
+            self.update(state["conv"], state["ssm"], seq_len)

@@ -1,0 +1,103 @@
+"""Mamba (selective state space) mixer, Gu & Dao 2023, with the paper's parameterisation.
+
+Parameter names follow the reference implementation and Hugging Face's ``MambaMixer``
+(``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``), so
+checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longctx.cache.ssm import SSMState
+from longctx.layers.registry import register_mixer
+from longctx.ops.scan import selective_scan, ssm_step
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: torch.Tensor | None):
+    """Depthwise causal conv over time, continuing from ``prefix``.
+
+    x ``(batch, channels, time)``; weight ``(channels, 1, kernel)``; prefix
+    ``(batch, channels, kernel - 1)``, the inputs before ``x`` (zeros at the start).
+    Returns the output ``(batch, channels, time)`` and the new prefix (the last
+    ``kernel - 1`` inputs), so a sequence fed in pieces gives the output of one pass.
+    """
+    kernel = weight.shape[-1]
+    if prefix is None:
+        prefix = x.new_zeros(x.shape[0], x.shape[1], kernel - 1)
+    full = torch.cat([prefix.to(x.dtype), x], dim=-1)
+    out = F.conv1d(full, weight, bias, groups=x.shape[1])
+    return out, full[:, :, full.shape[-1] - (kernel - 1) :]
+
+
+def inverse_softplus_dt(size: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+    """Bias whose softplus is a step size log-uniform in ``[dt_min, dt_max]`` (paper init)."""
+    dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+@register_mixer("mamba")
+class Mamba(nn.Module):
+    """``x (batch, time, d_model) -> (batch, time, d_model)``.
+
+    x -> in_proj -> (x, z); x -> causal conv (width ``ssm_conv``) -> SiLU -> x_proj ->
+    (dt, B, C); dt -> dt_proj; selective scan with A = -exp(A_log), D, gate silu(z),
+    softplus(dt + bias); out_proj.  With an ``SSMState`` the conv tail and the SSM state
+    carry over, so pieces of any length give the output of one pass; one token costs O(1).
+    """
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        d_model, self.d_inner = config.d_model, config.ssm_expand * config.d_model
+        self.d_state, self.dt_rank, self.kernel = config.ssm_state, config.ssm_dt_rank, config.ssm_conv
+        self.dt_init = (config.ssm_dt_min, config.ssm_dt_max, config.ssm_dt_floor)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=config.ssm_bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.kernel, groups=self.d_inner,
+                                bias=config.ssm_conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.A_log.no_weight_decay = self.D.no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=config.ssm_bias)
+        self.out_proj.is_residual_out = True
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's init: S4D-real A, D = 1, dt bias = softplus^-1 of log-uniform steps,
+        dt_proj weight U(+-dt_rank^-0.5), the conv as PyTorch initialises it."""
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+        bound = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, *self.dt_init))
+        self.conv1d.reset_parameters()
+
+    def init_state(self, batch_size: int, max_len: int | None = None) -> SSMState:
+        return SSMState(batch_size, (self.d_inner, self.kernel - 1), (self.d_inner, self.d_state))
+
+    def forward(self, x: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
+        batch, time, _ = x.shape
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        conv_prefix = None if state is None else state.conv
+        xs, new_prefix = causal_conv(xs.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_prefix)
+        xs = F.silu(xs).transpose(1, 2)  # (batch, time, d_inner)
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # bias goes in as delta_bias (added in fp32)
+        A = -torch.exp(self.A_log.float())
+        h0 = None if state is None else state.ssm
+        if state is not None and time == 1 and h0 is not None:
+            y, h = ssm_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0, D=self.D, z=z[:, 0],
+                            delta_bias=self.dt_proj.bias, delta_softplus=True)
+            y = y[:, None]
+        else:
+            y, h = selective_scan(xs, dt, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
+                                  delta_softplus=True, initial_state=h0)
+        if state is not None:
+            state.update(new_prefix, h, time)
+        return self.out_proj(y)

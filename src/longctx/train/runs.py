@@ -1,0 +1,71 @@
+"""Run directories as a whole: load a trained model, or make a run from an imported one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from longctx.data import BPETokenizer, DataError, load_tokenizer, save_tokenizer
+from longctx.model import LanguageModel
+from longctx.model.config import ConfigError
+from longctx.train.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    read_run_config,
+    save_checkpoint,
+    write_json_atomic,
+)
+from longctx.train.config import RunConfig
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
+    """The trained model of a run directory: ``(RunConfig, LanguageModel, tokenizer or None, checkpoint path)``.
+
+    ``checkpoint`` picks one under ``RUN/checkpoints`` (a ``step_*`` name or a path);
+    default the latest.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    cfg = RunConfig.from_dict(read_run_config(run_dir))
+    if checkpoint is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first (longctx train --out {run_dir})")
+    else:
+        path = Path(checkpoint)
+        if not path.is_dir():
+            path = checkpoint_dir(run_dir) / str(checkpoint)
+        if not path.is_dir():
+            names = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+            raise CheckpointError(f"no checkpoint {checkpoint!r} in {run_dir}; available: {names}")
+    # An imported checkpoint may come without a tokenizer: weights-only work still runs.
+    tokenizer = load_tokenizer(run_dir) if (run_dir / "tokenizer_config.json").exists() else None
+    model = LanguageModel(cfg.model)
+    load_model_weights(model, path / "model.safetensors")
+    model.eval()
+    return cfg, model, tokenizer, path
+
+
+def import_hf_run(hf_dir: str | Path, run_dir: str | Path) -> Path:
+    """Make a run directory from a local Hugging Face checkpoint, so ``generate``, ``eval``
+    and ``info`` work on it.  Its ``tokenizer.json`` comes along when it is byte-level BPE."""
+    from longctx.model.hf import from_hf
+
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    if list_checkpoints(run_dir) or (run_dir / "config.json").exists():
+        raise ConfigError(f"{run_dir} already holds a run; choose another output directory")
+    model = from_hf(hf_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_note = "none (generate and eval need one: put a tokenizer.json beside the checkpoint)"
+    if (hf_dir / "tokenizer.json").is_file():
+        try:
+            save_tokenizer(BPETokenizer.load(hf_dir / "tokenizer.json"), run_dir)
+            tokenizer_note = "tokenizer.json (byte-level BPE)"
+        except DataError as e:
+            tokenizer_note = f"not usable: {e}"
+    write_json_atomic(run_dir / "config.json", RunConfig(model=model.config).to_dict())
+    save_checkpoint(run_dir, 0, model, None, {"imported_from": str(hf_dir.resolve()), "tokenizer": tokenizer_note})
+    return run_dir

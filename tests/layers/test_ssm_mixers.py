@@ -1,0 +1,113 @@
+"""Mamba and Mamba-2 mixers: recurrent state == full forward, in pieces and one token at a time."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from longctx.generation import generate
+from longctx.model import LanguageModel, ModelConfig
+from longctx.train.checkpoint import save_model_weights
+
+SMALL = dict(vocab_size=40, d_model=32, n_heads=2, mlp_hidden=0, ssm_state=8, ssm_head_dim=16, ssm_chunk=8)
+
+
+def _model(layers, **overrides):
+    torch.manual_seed(0)
+    return LanguageModel(ModelConfig(layers=layers, **{**SMALL, **overrides})).eval()
+
+
+LAYER_SETS = {
+    "mamba": ["mamba", "mamba"],
+    "mamba2": ["mamba2", "mamba2"],
+    "mamba2-groups": ["mamba2"],
+    "hybrid": ["mamba", "attention", "mamba2"],
+}
+
+
+@pytest.mark.parametrize("name", list(LAYER_SETS))
+def test_decode_and_chunked_prefill_match_full_forward(name):
+    extra = {"ssm_groups": 2} if name == "mamba2-groups" else {}
+    model = _model(LAYER_SETS[name], **extra)
+    ids = torch.randint(0, 40, (2, 29), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        for splits in ([29], [5, 24], [1, 2, 15, 16], [3, 12, 29]):  # piece ends, then one token at a time
+            state = model.init_state(2)
+            pieces, start = [], 0
+            for stop in splits:
+                pieces.append(model(ids[:, start:stop], state))
+                start = stop
+            if splits[-1] < 29:
+                pieces += [model(ids[:, t : t + 1], state) for t in range(splits[-1], 29)]
+            torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_blocks_without_mlp_and_ssm_init():
+    model = _model(["mamba"])
+    assert model.blocks[0].mlp is None
+    mixer = model.blocks[0].mixer
+    torch.testing.assert_close(mixer.A_log[0].exp(), torch.arange(1.0, 9.0))
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
+    assert (dt >= 1e-4 * 0.999).all() and (dt <= 0.1 * 1.001).all()
+    assert getattr(mixer.A_log, "no_weight_decay", False)
+
+
+@pytest.mark.parametrize("layers", [["mamba", "mamba"], ["mamba2", "attention"]])
+def test_fork_save_restore_continue_equals_uninterrupted(tmp_path, layers):
+    model = _model(layers)
+    prompt = [1, 2, 3]
+    whole = generate(model, prompt, 130, temperature=1.0, top_k=20, seed=5)
+    state = model.init_state(1)
+    first = generate(model, prompt, 100, temperature=1.0, top_k=20, seed=5, state=state)
+    model.save_state(state, tmp_path / "s.safetensors")
+    restored = model.load_state(tmp_path / "s.safetensors")
+    rest = generate(model, torch.empty(1, 0, dtype=torch.long), 30, temperature=1.0, top_k=20, state=restored)
+    torch.testing.assert_close(torch.cat([first, rest[:, 0:]], 1), whole, rtol=0, atol=0)
+
+
+def test_state_restores_in_another_process(tmp_path):
+    model = _model(["mamba", "mamba2"])
+    weights = tmp_path / "w.safetensors"
+    save_model_weights(model, weights)
+    state = model.init_state(1)
+    generate(model, [4, 5, 6], 10, temperature=0, state=state)
+    model.save_state(state, tmp_path / "s.safetensors")
+    expected = generate(model, torch.empty(1, 0, dtype=torch.long), 8, temperature=0, state=state)
+    code = f"""
+import torch
+from longctx.generation import generate
+from longctx.model import LanguageModel, ModelConfig
+from longctx.train.checkpoint import load_model_weights
+model = LanguageModel(ModelConfig(layers=["mamba", "mamba2"], **{SMALL!r})).eval()
+load_model_weights(model, {str(weights)!r})
+state = model.load_state({str(tmp_path / 's.safetensors')!r})
+print(generate(model, torch.empty(1, 0, dtype=torch.long), 8, temperature=0, state=state).tolist())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(expected.tolist())
+
+
+def test_state_from_a_different_model_is_refused(tmp_path):
+    a, b = _model(["mamba"]), _model(["mamba"], ssm_state=4)
+    state = a.init_state(1)
+    generate(a, [1, 2], 3, temperature=0, state=state)
+    a.save_state(state, tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="different model"):
+        b.load_state(tmp_path / "s.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="corrupt"):
+        a.load_state(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(layers=["mamba2"], ssm_head_dim=24), "divisible by model.ssm_head_dim"),
+    (dict(layers=["mamba2"], ssm_groups=3), "not divisible by model.ssm_groups"),
+    (dict(layers=["mamba"], ssm_dt_min=0.5, ssm_dt_max=0.1), "ssm_dt_min"),
+    (dict(layers=["mamba"], mlp_hidden=-1), "mlp_hidden"),
+])
+def test_ssm_config_errors(overrides, match):
+    from longctx.model import ConfigError
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**{**SMALL, **overrides})

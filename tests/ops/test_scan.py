@@ -1,0 +1,238 @@
+"""selective_scan (numba kernel on CPU) against selective_scan_ref in fp64; ssm_step; pieces.
+
+The fast path runs in fp32; the reference gets fp64 copies of the same fp32 inputs, so the
+comparison measures the kernel's own error.  Value ranges follow Mamba's init:
+A = -exp(A_log), A_log = log(1..N); delta = softplus(randn - 4) (dt ~ 0.001..0.1) plus some
+larger steps.  The numba kernels compile once per machine (cached on disk), ~10 s.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from longctx.ops.scan import selective_scan, selective_scan_ref, ssm_step
+
+scan_module = importlib.import_module("longctx.ops.scan")
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def _inputs(batch=2, time=7, channels=40, state=16, groups=1, *, D=True, z=True, bias=True, softplus=True,
+            init=True, seed=0):
+    """fp32 inputs (None for the absent ones), in the order of NAMES."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    A = -torch.arange(1, state + 1.0).repeat(channels, 1) * torch.exp(0.1 * r(channels, state))
+    raw = r(batch, time, channels) - 4
+    big = torch.rand(batch, time, channels, generator=g) < 0.1
+    raw = torch.where(big, 1.5 * torch.rand(batch, time, channels, generator=g) - 0.5, raw)  # dt up to ~1
+    bias_ = 0.5 * r(channels) if bias else None
+    if softplus:
+        delta = raw
+    else:  # delta is used as given (plus the bias): keep it positive
+        delta = torch.nn.functional.softplus(raw) - (0 if bias_ is None else bias_.clamp(max=0))
+    bc = (batch, time, state) if groups == 1 else (batch, time, groups, state)
+    return [
+        r(batch, time, channels), delta, A, r(*bc), r(*bc),
+        r(channels) if D else None, r(batch, time, channels) if z else None, bias_,
+        0.5 * r(batch, channels, state) if init else None,
+    ]
+
+
+def _run(fn, xs, softplus, seed=1):
+    """(y, final_state, gradients of every given input) for a random linear loss on y and final_state."""
+    xs = [None if x is None else x.clone().requires_grad_() for x in xs]
+    y, h = fn(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=softplus, initial_state=xs[8])
+    g = torch.Generator().manual_seed(seed)
+    loss = (y * torch.randn(y.shape, generator=g).to(y.dtype)).sum()
+    loss = loss + (h * torch.randn(h.shape, generator=g).to(h.dtype)).sum()
+    given = [x for x in xs if x is not None]
+    grads = iter(torch.autograd.grad(loss, given))
+    return y, h, [None if x is None else next(grads) for x in xs]
+
+
+def _close(a, b, what, rtol=1e-5):
+    """a (fp32) vs b (fp64 reference): elementwise rtol, plus an absolute floor of rtol x max|b|."""
+    assert a.shape == b.shape, what
+    torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * max(b.abs().max().item(), 1e-30),
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _compare(xs, softplus):
+    fast = _run(selective_scan, xs, softplus)
+    ref = _run(selective_scan_ref, [None if x is None else x.double() for x in xs], softplus)
+    assert fast[0].dtype == torch.float32 and fast[1].dtype == torch.float32
+    _close(fast[0], ref[0], "y")
+    _close(fast[1], ref[1], "final_state")
+    for name, a, b in zip(NAMES, fast[2], ref[2]):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            _close(a, b, f"grad {name}")
+
+
+# Each combination turns options on and off; together they cover every one both ways.
+COMBOS = [
+    dict(D=False, z=False, bias=False, softplus=False, init=False, groups=1),
+    dict(D=True, z=True, bias=True, softplus=True, init=True, groups=2),
+    dict(D=True, z=False, bias=True, softplus=False, init=True, groups=1),
+    dict(D=False, z=True, bias=False, softplus=True, init=False, groups=2),
+    dict(D=True, z=True, bias=True, softplus=True, init=False, groups=1),
+]
+
+
+@pytest.mark.parametrize("time", [1, 7, 63, 257])
+@pytest.mark.parametrize("combo", range(len(COMBOS)))
+def test_fast_matches_reference(time, combo):
+    kw = dict(COMBOS[combo])
+    groups = kw.pop("groups")
+    _compare(_inputs(time=time, groups=groups, seed=time + combo, **kw), kw["softplus"])
+
+
+@pytest.mark.parametrize("channels,groups", [(7, 1), (160, 2), (1536, 1)])
+def test_channel_blocks(channels, groups):
+    """Odd widths (scalar remainders), several blocks per group, and a real model width."""
+    _compare(_inputs(batch=1, time=33, channels=channels, groups=groups, seed=channels), True)
+
+
+def test_step_by_step_equals_scan():
+    xs = _inputs(time=9, groups=2, seed=3)
+    u, delta, A, B, C, D, z, bias, h = xs
+    y, h_final = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, initial_state=h)
+    ys = []
+    for t in range(u.shape[1]):
+        y_t, h = ssm_step(u[:, t], delta[:, t], A, B[:, t], C[:, t], h, D=D, z=z[:, t], delta_bias=bias,
+                          delta_softplus=True)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_final, rtol=1e-5, atol=1e-5)
+
+
+def test_step_gradients_match_reference():
+    u, delta, A, B, C, D, z, bias, h = _inputs(time=1, groups=2, seed=4)
+    args = [u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], h, D, z[:, 0], bias]
+    step = lambda *a: ssm_step(*a[:6], D=a[6], z=a[7], delta_bias=a[8], delta_softplus=True)  # noqa: E731
+    fast = [x.clone().requires_grad_() for x in args]
+    ref = [x.double().requires_grad_() for x in args]
+    gy = torch.randn(u.shape[0], u.shape[2])
+    (step(*fast)[0] * gy).sum().backward()
+    (step(*ref)[0] * gy.double()).sum().backward()
+    for a, b in zip(fast, ref):
+        _close(a.grad, b.grad, "ssm_step grad")
+
+
+@pytest.mark.parametrize("split", [0, 1, 16, 31, 40])
+def test_pieces_equal_one_scan(split):
+    """Scanning [0, split) and then [split, T) with final_state -> initial_state equals one
+    scan: outputs, final state and all gradients (through the state hand-over)."""
+    xs = _inputs(time=40, groups=2, seed=5)
+
+    def pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+        kw = dict(D=D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+        y1, h = selective_scan(u[:, :split], delta[:, :split], A, B[:, :split], C[:, :split], z=z[:, :split],
+                               initial_state=initial_state, **kw)
+        y2, h = selective_scan(u[:, split:], delta[:, split:], A, B[:, split:], C[:, split:], z=z[:, split:],
+                               initial_state=h, **kw)
+        return torch.cat([y1, y2], 1), h
+
+    whole = _run(selective_scan, xs, True)
+    split_run = _run(lambda *a, **k: pieces(*a, k["D"], k["z"], k["delta_bias"], k["delta_softplus"],
+                                            k["initial_state"]), xs, True)
+    for a, b in zip(whole[:2] + tuple(whole[2]), split_run[:2] + tuple(split_run[2])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_path_for_other_devices_matches_reference():
+    """Non-CPU inputs take the chunked torch scan; check it on CPU with chunks that split the sequence."""
+    xs = _inputs(time=45, groups=2, seed=6)
+    fn = lambda *a, **k: scan_module._scan_chunked(*a, chunk=16, **k)  # noqa: E731
+    fast = _run(fn, xs, True)
+    ref = _run(selective_scan_ref, [x.double() for x in xs], True)
+    _close(fast[0], ref[0], "y")
+    _close(fast[1], ref[1], "final_state")
+    for name, a, b in zip(NAMES, fast[2], ref[2]):
+        _close(a, b, f"grad {name}")
+
+
+def test_non_cpu_device_uses_torch_path(monkeypatch):
+    def no_kernel(*a, **k):
+        raise AssertionError("numba kernel called for a non-CPU device")
+
+    monkeypatch.setattr(scan_module, "_numba_forward", no_kernel)
+    xs = [None if x is None else x.to("meta") for x in _inputs(time=5)]
+    y, h = selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True, initial_state=xs[8])
+    assert y.shape == xs[0].shape and y.device.type == "meta" and h.shape == xs[8].shape
+
+
+def test_no_grad_path_equals_grad_path_and_backward_is_deterministic():
+    xs = _inputs(time=50, groups=2, seed=7)
+    with torch.no_grad():
+        y0, h0 = selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True,
+                                initial_state=xs[8])
+    a, b = _run(selective_scan, xs, True), _run(selective_scan, xs, True)
+    assert torch.equal(y0, a[0]) and torch.equal(h0, a[1])
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+
+
+def test_training_memory_has_no_time_x_channels_x_state_tensor():
+    """What autograd keeps: the inputs plus a state every _CKPT steps, nothing (B, T, C, N)."""
+    batch, time, channels, state = 1, 512, 64, 16
+    xs = [None if x is None else x.requires_grad_() for x in _inputs(batch, time, channels, state, seed=8)]
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True, initial_state=xs[8])
+    inputs = sum(x.numel() for x in xs if x is not None)
+    checkpoints = batch * time * channels * state // scan_module._CKPT
+    assert sum(saved) <= inputs + checkpoints
+    assert max(saved) < batch * time * channels * state
+
+
+def test_dtypes():
+    xs = _inputs(time=5, seed=9)
+    y, h = selective_scan(*[x.bfloat16() for x in xs[:5]], D=xs[5], z=xs[6].bfloat16(), delta_bias=xs[7],
+                          delta_softplus=True, initial_state=xs[8])
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    y64, h64 = selective_scan(*[x.double() for x in xs[:5]], delta_softplus=True)
+    assert y64.dtype == torch.float64 and h64.dtype == torch.float32
+    y32, _ = selective_scan(*xs[:5], delta_softplus=True)
+    torch.testing.assert_close(y64.float(), y32, rtol=1e-6, atol=1e-6)
+
+
+def test_empty_sequence_passes_the_state_through():
+    u, delta, A, B, C, D, z, bias, h = _inputs(time=0, seed=10)
+    y, h_out = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, initial_state=h)
+    assert y.shape == (2, 0, 40)
+    torch.testing.assert_close(h_out, h)
+
+
+def _err(match, *args, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        selective_scan(*args, **kwargs)
+
+
+def test_bad_shapes_and_dtypes_raise_clear_errors():
+    u, delta, A, B, C, D, z, bias, h = _inputs(time=5, groups=2, seed=11)
+    _err(r"u must have shape \(batch, time, channels\)", u[0], delta[0], A, B[0], C[0])
+    _err(r"delta must have shape .*\(2, 5, 40\)", u, delta[:, :4], A, B, C)
+    _err(r"z must have shape", u, delta, A, B, C, z=z[..., :3])
+    _err(r"A must have shape \(channels, state\) = \(40, state\)", u, delta, A[:30], B, C)
+    _err(r"B must have shape .*state = 16", u, delta, A, B[..., :8], C)
+    _err(r"C must have shape", u, delta, A, B, C[:, :3])
+    _err(r"B and C must have the same shape", u, delta, A, B, C[:, :, :1])
+    _err(r"multiple of the groups", u, delta, A, torch.randn(2, 5, 3, 16), torch.randn(2, 5, 3, 16))
+    _err(r"D must have shape \(channels,\) = \(40,\)", u, delta, A, B, C, D=D[:3])
+    _err(r"delta_bias must have shape \(channels,\)", u, delta, A, B, C, delta_bias=bias[None])
+    _err(r"initial_state must have shape \(batch, channels, state\) = \(2, 40, 16\)", u, delta, A, B, C,
+         initial_state=h[:, :, :4])
+    _err(r"u must have a floating dtype", u.long(), delta, A, B, C)
+    _err(r"A is on meta but u is on cpu", u, delta, A.to("meta"), B, C)
+    _err(r"B must be a torch.Tensor", u, delta, A, B.tolist(), C)
+    with pytest.raises(ValueError, match=r"ssm_step: state must have shape \(batch, channels, state\)"):
+        ssm_step(u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], h[:1])
+    with pytest.raises(ValueError, match=r"ssm_step: u must have shape \(batch, channels\)"):
+        ssm_step(u, delta, A, B, C, h)
