@@ -13,20 +13,25 @@ The recurrence, per channel ``c`` and state index ``n``::
 Three implementations, chosen inside ``selective_scan`` from the device:
 
 - CPU: a numba kernel (``parallel=True``, ``fastmath=False``, ``cache=True``).  Each work
-  item is one batch row x a block of channels of one group; its state stays in a small
-  local array for the whole sequence, so the ``(batch, time, channels, state)`` tensors of
-  the textbook formulation never exist (the paper's hardware-aware idea).  Bias,
-  softplus, D and the z gate are fused in.  ``exp`` is evaluated by an inlined polynomial
-  (Cody-Waite reduction, FMA; max relative error 1.4 ulp over the whole fp32 range,
-  subnormal results included) so that LLVM vectorises the loop; numba's libm ``exp``
-  does not vectorise without SVML.  Training stores only the inputs and the state every
-  ``_CKPT`` steps; backward recomputes the states of each chunk from its checkpoint
-  (the paper's recomputation trick) and walks it in reverse.  Gradients of B and C,
-  which sum over the channels of a group, go to one partial buffer per worker slot and
-  are summed afterwards: no races, and the result does not depend on scheduling.
-  Kernels compile on the first call (a few seconds) and are cached on disk next to this
-  file, or, when that directory is read-only, in numba's user cache dir
-  (``NUMBA_CACHE_DIR`` overrides both).  numba uses ``torch.get_num_threads()`` threads.
+  item is one batch row x a block of channels of one group (blocks of up to 512
+  channels, at least two items per thread when the shape allows); its state stays in a
+  small local array for the whole sequence, so the ``(batch, time, channels, state)``
+  tensors of the textbook formulation never exist (the paper's hardware-aware idea).
+  Bias, softplus, D and the z gate are fused in.  numba's libm ``exp`` does not
+  vectorise (no SVML), so exp is an inlined polynomial that LLVM vectorises (16 lanes
+  with AVX-512): the decays use ``exp(dt A) = 2^(dt (A log2 e))`` (degree-6 polynomial,
+  1.4 ulp, results below 2^-126 flushed to 0); softplus, sigmoid and silu use a
+  Cody-Waite exp (1.4 ulp down to subnormals).  Training stores only the inputs and the
+  state every ``_CKPT`` steps; backward recomputes the states of each chunk from its
+  checkpoint (the paper's recomputation trick) and walks it in reverse.  Gradients of B
+  and C, which sum over the channels of a group, go to one partial buffer per worker
+  slot (static item -> slot assignment) summed afterwards: no races, deterministic.
+  That channel sum is the one place with a fast-math flag (reassociation only, so it
+  vectorises); everything else is plain IEEE fp32 with FMA.
+  Kernels compile on the first call (~10 s) and are cached on disk next to this file,
+  or, when that directory is read-only, in numba's user cache dir (``NUMBA_CACHE_DIR``
+  overrides both; with no writable dir they compile per process, with a warning).
+  numba runs ``torch.get_num_threads()`` threads.
 - Other devices (numba cannot run there): ``_scan_chunked``, torch ops over chunks of
   ``_CHUNK`` steps with a log-depth (Hillis-Steele) scan inside each chunk, under
   activation checkpointing when gradients are needed, so memory stays linear in time
@@ -38,7 +43,7 @@ Three implementations, chosen inside ``selective_scan`` from the device:
 
 from __future__ import annotations
 
-import importlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -51,41 +56,20 @@ _BLOCK = 512
 _MIN_BLOCK = 64
 _CHUNK = 64
 
-# numba and numpy are imported through importlib: numba is the one non-torch dependency
-# ARCHITECTURE.md allows in ops (for this op only); tests/test_import_rules.py checks
-# import statements, so this keeps the exception local to this file.
+# numba (with numpy and llvmlite, which it brings) is the one non-torch dependency
+# ARCHITECTURE.md allows in ops, for this op's CPU kernel; tests/test_import_rules.py
+# names this exception.
 try:
-    _nb = importlib.import_module("numba")
-    _np = importlib.import_module("numpy")
-    _ir = importlib.import_module("llvmlite.ir")
-    _nbtypes = importlib.import_module("numba.core.types")
-    _intrinsic = importlib.import_module("numba.extending").intrinsic
+    import llvmlite.ir as _ir
+    import numba as _nb
+    import numba.core.types as _nbtypes
+    import numpy as _np
+    from numba.extending import intrinsic as _intrinsic
+
     _NUMBA_ERROR = None
 except ImportError as exc:  # reported when the CPU path is used, never silently replaced
     _nb = None
     _NUMBA_ERROR = exc
-
-
-def _prefer_512_bit_vectors() -> None:
-    """Let LLVM vectorise with 512-bit registers on AVX-512 CPUs (~1.8x on these loops).
-
-    LLVM's Intel tunings prefer 256-bit vectors; numba takes its target features from
-    ``numba.config.CPU_FEATURES`` (env ``NUMBA_CPU_FEATURES``) when set.  This sets it to
-    the host's features plus ``-prefer-256-bit``: a tuning flag only (every function
-    numba compiles in this process computes the same results), applied only when nobody
-    set it and numba has not built its CPU code generator yet."""
-    if _nb is None or _nb.config.CPU_FEATURES is not None:
-        return
-    registry = importlib.import_module("numba.core.registry")
-    if "_toplevel_target_context" in vars(registry.cpu_target):
-        return  # too late: the code generator exists with its features
-    codegen = importlib.import_module("numba.core.codegen")
-    features = codegen.get_host_cpu_features()
-    if "+avx512f" in features.split(","):
-        _nb.config.CPU_FEATURES = features + ",-prefer-256-bit"
-
-
-_prefer_512_bit_vectors()
 
 
 def _expand_groups(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -322,9 +306,26 @@ if _nb is not None:
 
         return sig, codegen
 
-    _JIT = dict(fastmath=False, cache=True, error_model="numpy")  # numpy errors: no zero-division branch
+    def _jit(**options):
+        """numba.njit with the on-disk cache; if numba finds no writable cache directory
+        (package read-only and no user cache dir), compile in memory and say so once."""
 
-    @_nb.njit(inline="always", **_JIT)
+        def decorate(fn):
+            try:
+                return _nb.njit(cache=True, **options)(fn)
+            except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+                if not _NO_CACHE_WARNED:
+                    _NO_CACHE_WARNED.append(True)
+                    warnings.warn(f"longctx.ops.scan: {exc}; numba kernels will compile in every process "
+                                  "(~10 s). Set NUMBA_CACHE_DIR to a writable directory.", stacklevel=2)
+                return _nb.njit(cache=False, **options)(fn)
+
+        return decorate
+
+    _NO_CACHE_WARNED: list = []
+    _JIT = dict(fastmath=False, error_model="numpy")  # numpy errors: no zero-division branch
+
+    @_jit(inline="always", **_JIT)
     def _exp(x):
         """float32 exp, max relative error 1.4 ulp (normal and subnormal results).
 
@@ -348,7 +349,7 @@ if _nb is not None:
         s2 = _bits_to_f32((ki - k1 + _I127) << _I23)
         return (p * s1) * s2
 
-    @_nb.njit(inline="always", **_JIT)
+    @_jit(inline="always", **_JIT)
     def _exp2(y):
         """float32 2^y for the decays (the hot loop): 12 vector operations.
 
@@ -367,11 +368,11 @@ if _nb is not None:
         p = _fma(p, f, _Q[0])
         return p * _bits_to_f32((_np.int32(k) + _I127) << _I23)
 
-    @_nb.njit(inline="always", **_JIT)
+    @_jit(inline="always", **_JIT)
     def _sigmoid(x):
         return _ONE / (_ONE + _exp(-x))
 
-    @_nb.njit(inline="always", **_JIT)
+    @_jit(inline="always", **_JIT)
     def _softplus(x):
         """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), log1p by the atanh series (~2 ulp)."""
         e = _exp(-abs(x))
@@ -386,7 +387,7 @@ if _nb is not None:
         p = _fma(p, s2, _L[0])
         return max(x, _ZERO) + _TWO * s * p
 
-    @_nb.njit(**_JIT)
+    @_jit(**_JIT)
     def _prepare_step(dr, ur, bias, Dv, softplus, w, dv, du, yv, sg):
         """One time step of a block: dv = delta', du = delta' u, yv = D u; with softplus and
         a non-empty sg also sg = d delta' / d delta = sigmoid(delta + bias)."""
@@ -403,7 +404,7 @@ if _nb is not None:
             du[c] = dv[c] * ur[c]
             yv[c] = Dv[c] * ur[c]
 
-    @_nb.njit(**_JIT)
+    @_jit(**_JIT)
     def _load_block(A, D, bias, c0, w):
         N = A.shape[1]
         At = _np.empty((N, w), _np.float32)
@@ -414,7 +415,7 @@ if _nb is not None:
                 A2[n, c] = A[c0 + c, n] * _LOG2E
         return At, A2, D[c0:c0 + w], bias[c0:c0 + w]
 
-    @_nb.njit(**_JIT)
+    @_jit(**_JIT)
     def _fwd_item(u, dl, A, Bm, Cm, D, z, bias, h0, y, hT, ck, b, g, c0, w, K, has_z, softplus, has_h0, save_ck):
         """Forward over all time steps of one (batch row b, channels c0:c0+w of group g)."""
         T = u.shape[1]
@@ -458,13 +459,13 @@ if _nb is not None:
             for c in range(w):
                 hT[b, c0 + c, n] = h[n, c]
 
-    @_nb.njit(parallel=True, **_JIT)
+    @_jit(parallel=True, **_JIT)
     def _fwd_kernel(u, dl, A, Bm, Cm, D, z, bias, h0, y, hT, ck, items, K, has_z, softplus, has_h0, save_ck):
         for i in _nb.prange(items.shape[0]):
             _fwd_item(u, dl, A, Bm, Cm, D, z, bias, h0, y, hT, ck, items[i, 0], items[i, 1], items[i, 2],
                       items[i, 3], K, has_z, softplus, has_h0, save_ck)
 
-    @_nb.njit(fastmath={"reassoc"}, cache=True, error_model="numpy")
+    @_jit(fastmath={"reassoc"}, error_model="numpy")
     def _dot_rows(X, v, w, out):
         """out[n] += sum_c X[n, c] v[c].  The one function compiled with a fast-math flag:
         only reassociation, so that LLVM vectorises the sum (5x); products and sums stay
@@ -476,7 +477,7 @@ if _nb is not None:
                 s += row[c] * v[c]
             out[n] += s
 
-    @_nb.njit(**_JIT)
+    @_jit(**_JIT)
     def _bwd_item(u, dl, A, Bm, Cm, D, z, bias, ck, dy, dhT, du, ddl, dz, dA, dD, dbias, dB, dC, dh0,
                   b, g, c0, w, K, has_z, softplus):
         """Backward of one work item.  Per chunk of K steps (last chunk first): recompute the
@@ -584,7 +585,7 @@ if _nb is not None:
             dD[b, c0 + c] = dDa[c]
             dbias[b, c0 + c] = dba[c]
 
-    @_nb.njit(parallel=True, **_JIT)
+    @_jit(parallel=True, **_JIT)
     def _bwd_kernel(u, dl, A, Bm, Cm, D, z, bias, ck, dy, dhT, du, ddl, dz, dA, dD, dbias, dB, dC, dh0,
                     items, K, has_z, softplus):
         slots = dB.shape[0]
@@ -733,7 +734,7 @@ def selective_scan(
         argument, initial_state included, and through final_state, so scanning a sequence
         in pieces (final_state -> initial_state) equals one scan, values and gradients.
 
-    Path: on CPU the numba kernel (memory: inputs plus a state every 32 steps, nothing of
+    Path: on CPU the numba kernel (memory: inputs plus a state every _CKPT = 16 steps, nothing of
     size time x channels x state); on other devices the chunked torch scan.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state, step=False, name="selective_scan")
