@@ -30,7 +30,12 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if prefix is None:
         prefix = x.new_zeros(x.shape[0], x.shape[1], kernel - 1)
     full = torch.cat([prefix.to(x.dtype), x], dim=-1)
-    out = F.conv1d(full, weight, bias, groups=x.shape[1])
+    if x.shape[-1] == 1:
+        # One token (decoding): a dot product per channel; conv1d's setup costs ~10x more.
+        out = (full * weight[:, 0]).sum(-1, keepdim=True)
+        out = out if bias is None else out + bias[:, None]
+    else:
+        out = F.conv1d(full, weight, bias, groups=x.shape[1])
     return out, full[:, :, full.shape[-1] - (kernel - 1) :]
 
 

@@ -73,7 +73,10 @@ except ImportError as exc:  # reported when the CPU path is used, never silently
 
 
 def _expand_groups(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """``(..., groups, state)`` -> ``(..., channels, state)``: each group repeated for its channels."""
+    """``(..., groups, state)`` -> ``(..., channels, state)``: each group repeated for its
+    channels (one group stays a broadcastable size-1 axis: no copy)."""
+    if x.shape[-2] == 1:
+        return x
     return x.repeat_interleave(channels // x.shape[-2], dim=-2)
 
 
