@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx.ops.attention import attention, attention_ref
-from machine import matmul_gflops, write_result
+from machine import matmul_gflops, proc_status, write_result
 
 IMPLS = ("ours", "sdpa", "ref")
 
@@ -81,23 +81,15 @@ def call(impl: str, inputs, args) -> float:
     return time.perf_counter() - t0
 
 
-def _status(key: str) -> int:
-    """A ``/proc/self/status`` value in bytes (VmRSS, VmHWM)."""
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def one(args, impl: str, length: int) -> None:
     """Subprocess mode: print the extra peak RSS (bytes) of one call as JSON."""
     inputs = make_inputs(args, length)
     call(impl, make_inputs(args, 256), args)  # load kernels, start the thread pool
-    base = _status("VmRSS")
+    base = proc_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     call(impl, inputs, args)
-    print(json.dumps({"peak_bytes": _status("VmHWM") - base}))
+    print(json.dumps({"peak_bytes": proc_status("VmHWM") - base}))
 
 
 def peak_memory(args, impl: str, length: int) -> int:

@@ -25,6 +25,16 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def proc_status(key: str) -> int:
+    """A ``/proc/self/status`` value in bytes (``VmRSS``, ``VmHWM``): the peak-memory
+    measurements of the benchmarks read these after resetting the peak with
+    ``/proc/self/clear_refs``."""
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
 def matmul_gflops(n: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 10) -> float:
     """Best achieved GFLOP/s of ``n x n @ n x n`` over ``repeats`` runs.
 

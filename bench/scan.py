@@ -48,7 +48,7 @@ import time
 import torch
 
 from longctx.ops.scan import selective_scan, selective_scan_ref
-from machine import memory_gbps, write_result
+from machine import memory_gbps, proc_status, write_result
 
 IMPLS = ("ours", "ref", "hf")
 
@@ -107,22 +107,15 @@ def call(impl: str, x, backward: bool) -> float:
     return time.perf_counter() - t0
 
 
-def _status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def one(args, impl: str, length: int, backward: bool) -> None:
     """Subprocess mode: print the extra peak RSS (bytes) of one call as JSON."""
     x = make_inputs(args, length, backward)
     call(impl, make_inputs(args, 64, backward), backward)  # load kernels, start the thread pools
-    base = _status("VmRSS")
+    base = proc_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     call(impl, x, backward)
-    print(json.dumps({"peak_bytes": _status("VmHWM") - base}))
+    print(json.dumps({"peak_bytes": proc_status("VmHWM") - base}))
 
 
 def peak_memory(args, impl: str, length: int, backward: bool) -> int:
