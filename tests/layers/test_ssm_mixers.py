@@ -111,3 +111,17 @@ def test_ssm_config_errors(overrides, match):
     from longctx.model import ConfigError
     with pytest.raises(ConfigError, match=match):
         ModelConfig(**{**SMALL, **overrides})
+
+
+def test_state_from_other_weights_is_refused_and_reset_starts_afresh(tmp_path):
+    a, b = _model(["mamba"]), _model(["mamba"])
+    with torch.no_grad():
+        b.blocks[0].mixer.D.add_(0.5)
+    state = a.init_state(1)
+    generate(a, [1, 2], 3, temperature=0, state=state)
+    a.save_state(state, tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="different model"):
+        b.load_state(tmp_path / "s.safetensors")
+    state.reset()
+    assert state.seq_len == 0 and not state.extra
+    torch.testing.assert_close(generate(a, [5, 6], 4, temperature=0, state=state), generate(a, [5, 6], 4, temperature=0))

@@ -22,8 +22,11 @@ def save_state(state: ModelState, path: str | Path, fingerprint: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.state_dict().items()}
     meta = {"format": FORMAT, "batch_size": str(state.batch_size), "fingerprint": json.dumps(fingerprint, sort_keys=True)}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_state(path: str | Path, init_state: Callable[[int], ModelState], fingerprint: dict) -> ModelState:
@@ -38,10 +41,10 @@ def load_state(path: str | Path, init_state: Callable[[int], ModelState], finger
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"state file {path} is corrupt or not a safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") != FORMAT or "fingerprint" not in meta or "batch_size" not in meta:
         raise ValueError(f"{path} is not a longctx state file (format {meta.get('format')!r})")
     if json.loads(meta["fingerprint"]) != json.loads(json.dumps(fingerprint, sort_keys=True)):
-        raise ValueError(f"state file {path} was saved from a different model (its config differs); "
+        raise ValueError(f"state file {path} was saved from a different model (its config or weights differ); "
                          "load it into the model that produced it")
     state = init_state(int(meta["batch_size"]))
     state.load_state_dict(tensors)

@@ -25,6 +25,7 @@ class ModelState:
         for s in self.layers:
             s.reset()
         self.seq_len = 0
+        self.extra.clear()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict (``layers.{i}.{name}``, ``extra.{name}``), ready for safetensors."""

@@ -52,6 +52,8 @@ def stream(
         state = model.init_state(ids.shape[0])
     pending = state.extra.pop("pending", None)
     if pending is not None:
+        if ids.shape[0] not in (1, pending.shape[0]):
+            raise ValueError(f"the session has batch size {pending.shape[0]}; the new ids have {ids.shape[0]}")
         ids = torch.cat([pending.to(ids.device), ids.expand(pending.shape[0], -1)], dim=1)
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos_id)")
@@ -73,7 +75,8 @@ def stream(
         generator.manual_seed(int(torch.randint(2**62, ())))
     stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=ids.device)
     logits = model(ids, state)[:, -1]
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    # Sequences that stopped earlier in the session stay stopped.
+    done = state.extra.get("done", torch.zeros(ids.shape[0], dtype=torch.bool)).to(ids.device)
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         token = torch.where(done, ids[:, -1], token)
@@ -81,6 +84,7 @@ def stream(
         ids = token[:, None]
         state.extra["pending"] = ids
         state.extra["rng"] = generator.get_state()
+        state.extra["done"] = done.clone()
         yield token
         if bool(done.all()) or step == max_new_tokens - 1:
             return

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -152,6 +153,11 @@ def from_hf(path: str | Path) -> LanguageModel:
         loaded[name] = tensors[hf_name].to(torch.float32)
     if missing:
         raise HFCheckpointError(f"{path}: missing tensors {', '.join(missing[:6])}" + (" ..." if len(missing) > 6 else ""))
+    used = {_to_hf_name(name) for name in loaded}
+    unused = sorted(n for n in tensors if n not in used and not (n == "lm_head.weight" and config.tie_embeddings))
+    if unused:
+        warnings.warn(f"{path}: {len(unused)} tensor(s) not used by the {arch} mapping: {', '.join(unused[:6])}",
+                      stacklevel=2)
     model.load_state_dict(loaded, strict=False)
     return model.eval()
 

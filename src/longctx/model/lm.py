@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -59,13 +60,25 @@ class LanguageModel(nn.Module):
         lets caches allocate once."""
         return ModelState([b.init_state(batch_size, max_len) for b in self.blocks], batch_size=batch_size)
 
+    def fingerprint(self) -> dict:
+        """Identifies this model for state files: its config and a digest of its weights
+        (a strided sample of every tensor, so it is cheap even for large models)."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)].float().cpu()
+            h.update(name.encode())
+            h.update(sample.numpy().tobytes())
+        return {"config": self.config.to_dict(), "weights": h.hexdigest()}
+
     def save_state(self, state: ModelState, path) -> None:
         """Save a state (caches, recurrent states, pending generation) to a safetensors file."""
-        save_state(state, path, self.config.to_dict())
+        save_state(state, path, self.fingerprint())
 
     def load_state(self, path) -> ModelState:
-        """A state restored from ``save_state``'s file; refused if saved by another model config."""
-        return load_state(path, self.init_state, self.config.to_dict())
+        """A state restored from ``save_state``'s file; refused if saved by a model with
+        another config or other weights."""
+        return load_state(path, self.init_state, self.fingerprint())
 
     def _check_ids(self, ids: torch.Tensor, start: int) -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
