@@ -52,9 +52,9 @@ def test_subpackages_import_only_what_their_layer_allows():
     assert not problems, "\n".join(problems)
 
 
-# The one exception: the selective scan's CPU kernel is compiled with numba (which brings
+# The exceptions: the selective scan's CPU kernel and the fused Mamba decode step are compiled with numba (which brings
 # numpy and llvmlite).
-OPS_EXTRA = {"scan.py": {"numba", "numpy", "llvmlite"}}
+OPS_EXTRA = {"scan.py": {"numba", "numpy", "llvmlite"}, "mamba_decode.py": {"numba", "numpy"}}
 
 
 def test_ops_import_torch_only():

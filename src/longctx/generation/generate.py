@@ -77,16 +77,24 @@ def stream(
     logits = model(ids, state)[:, -1]
     # Sequences that stopped earlier in the session stay stopped.
     done = state.extra.get("done", torch.zeros(ids.shape[0], dtype=torch.bool)).to(ids.device)
+    # Per-token bookkeeping only where it can change anything (it is a tenth of a small
+    # model's step): stop checks when there are stop ids or stopped sequences, the RNG
+    # snapshot when sampling draws from it.
+    check_stop = len(stop_ids) > 0 or bool(done.any())
+    state.extra["done"] = done.clone()
+    state.extra["rng"] = generator.get_state()
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        token = torch.where(done, ids[:, -1], token)
-        done |= torch.isin(token, stop_ids)
+        if check_stop:
+            token = torch.where(done, ids[:, -1], token)
+            done |= torch.isin(token, stop_ids)
+            state.extra["done"] = done.clone()
+        if temperature > 0:
+            state.extra["rng"] = generator.get_state()
         ids = token[:, None]
         state.extra["pending"] = ids
-        state.extra["rng"] = generator.get_state()
-        state.extra["done"] = done.clone()
         yield token
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or (check_stop and bool(done.all())):
             return
         del state.extra["pending"]
         logits = model(ids, state)[:, -1]

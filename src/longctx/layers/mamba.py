@@ -15,7 +15,8 @@ from torch import nn
 
 from longctx.cache.ssm import SSMState
 from longctx.layers.registry import register_mixer
-from longctx.ops.scan import selective_scan, ssm_step
+from longctx.ops.mamba_decode import mamba_decode_step
+from longctx.ops.scan import selective_scan
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: torch.Tensor | None):
@@ -88,6 +89,8 @@ class Mamba(nn.Module):
 
     def forward(self, x: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
         batch, time, _ = x.shape
+        if state is not None and time == 1 and state.ssm is not None:
+            return self.out_proj(self._decode(self.in_proj(x)[:, 0], state)[:, None])
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         conv_prefix = None if state is None else state.conv
         xs, new_prefix = causal_conv(xs.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_prefix)
@@ -96,13 +99,16 @@ class Mamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight)  # bias goes in as delta_bias (added in fp32)
         A = -torch.exp(self.A_log.float())
         h0 = None if state is None else state.ssm
-        if state is not None and time == 1 and h0 is not None:
-            y, h = ssm_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0, D=self.D, z=z[:, 0],
-                            delta_bias=self.dt_proj.bias, delta_softplus=True)
-            y = y[:, None]
-        else:
-            y, h = selective_scan(xs, dt, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
-                                  delta_softplus=True, initial_state=h0)
+        y, h = selective_scan(xs, dt, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
+                              delta_softplus=True, initial_state=h0)
         if state is not None:
             state.update(new_prefix, h, time)
         return self.out_proj(y)
+
+    def _decode(self, xz: torch.Tensor, state: SSMState) -> torch.Tensor:
+        """One token ``xz (batch, 2 * d_inner)`` -> y ``(batch, d_inner)``, state advanced:
+        one fused kernel in inference, the same step in torch ops when gradients flow."""
+        y, conv, h = mamba_decode_step(xz, state.conv, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                                       self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, state.ssm)
+        state.update(conv, h, 1)
+        return y

@@ -84,7 +84,7 @@ class LanguageModel(nn.Module):
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"ids must be an integer tensor (batch, time); got {ids.dtype} {tuple(ids.shape)}")
         if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
+            lo, hi = (int(v) for v in torch.aminmax(ids))
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(
