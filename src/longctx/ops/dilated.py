@@ -1,0 +1,243 @@
+"""LongNet dilated attention (Ding et al. 2023, arXiv 2307.02486, §2.2), exact and differentiable.
+
+Layout throughout: ``(batch, time, heads, head_dim)``.
+
+A pattern ``(w, r)`` splits the positions into segments of ``w`` (aligned at position 0;
+the last one may be shorter) and, inside each segment, keeps every ``r``-th position,
+starting at the head's offset ``head % r`` (Eq. 13-15).  A kept query attends to the kept
+keys of its own segment (causally when ``causal``).  A query a pattern does not keep gets
+nothing from it (lse ``-inf``).  The patterns are mixed with weights proportional to their
+softmax denominators (Eq. 9-10): ``out = sum_i exp(lse_i - lse) out_i`` with
+``lse = logsumexp_i lse_i``, exactly ``merge`` of the partial attentions; gradients flow
+through the weights (the official code detaches them).
+
+``dilated_attention`` gathers each (pattern, head offset) into strided views, runs the fused
+attention kernel on each batch of sparsified segments and scatters the results back:
+cost and memory O(time) for a fixed pattern set, never a time x time matrix, and a short
+last segment is attended as it is (no padding enters a softmax).
+``dilated_attention_ref`` builds the dense boolean mask of every pattern instead.
+
+Queries may be the last ``time`` of ``kv_time`` keys (bottom-right, as ``attention``), and
+the keys may start at absolute position ``kv_start`` > 0: that is decoding with a cache
+that dropped the keys no pattern can use any more (see ``first_needed_position``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from longctx.ops.attention import _check, alibi_bias, attention
+
+
+def dilated_patterns(max_len: int, first_segment: int = 2048, ratio: int = 2) -> tuple[list[int], list[int]]:
+    """The paper's geometric pattern set: segments ``first_segment * ratio**i`` and rates
+    ``ratio**i`` until a segment covers ``max_len``, so every pattern keeps
+    ``first_segment`` positions per segment and the total cost is linear in length.
+
+    >>> dilated_patterns(8192)
+    ([2048, 4096, 8192], [1, 2, 4])
+    """
+    if max_len < 1 or first_segment < 1 or ratio < 2:
+        raise ValueError(f"need max_len >= 1, first_segment >= 1, ratio >= 2; got {max_len}, {first_segment}, {ratio}")
+    segments, rates = [first_segment], [1]
+    while segments[-1] < max_len:
+        segments.append(segments[-1] * ratio)
+        rates.append(rates[-1] * ratio)
+    return segments, rates
+
+
+def check_patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validate a pattern set; returns it as tuples of ints.
+
+    Rules: as many rates as segment lengths (at least one); lengths strictly increasing;
+    every rate between 1 and its segment length; one rate equal to 1, so that every
+    position attends somewhere."""
+    segs, rates = list(segment_lengths), list(dilation_rates)
+    for name, values in (("segment_lengths", segs), ("dilation_rates", rates)):
+        if not values or not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+            raise ValueError(f"{name} must be a non-empty list of integers; got {values!r}")
+    if len(segs) != len(rates):
+        raise ValueError(
+            f"segment_lengths ({len(segs)} values) and dilation_rates ({len(rates)} values) must have the same length"
+        )
+    if segs[0] < 1 or any(b <= a for a, b in zip(segs, segs[1:])):
+        raise ValueError(f"segment_lengths must be positive and strictly increasing (e.g. 2048, 4096, ...); got {segs}")
+    for w, r in zip(segs, rates):
+        if not 1 <= r <= w:
+            raise ValueError(f"each dilation rate must be in 1..its segment length; got rate {r} for segment {w}")
+    if 1 not in rates:
+        raise ValueError(
+            f"dilation_rates {rates} have no 1: some positions would belong to no pattern and attend to "
+            "nothing; make the first rate 1 (as the paper's sets do)"
+        )
+    return tuple(segs), tuple(rates)
+
+
+def first_needed_position(position: int, segment_lengths: Sequence[int]) -> int:
+    """The earliest key a query at ``position`` or later can attend to: the start of its
+    segment in the pattern whose segment starts first.  Keys before it can be dropped."""
+    return min((position // w) * w for w in segment_lengths)
+
+
+# ---------------------------------------------------------------------------------------
+# Reference
+
+
+def _selected(pos: torch.Tensor, w: int, r: int, heads: int) -> torch.Tensor:
+    """``(heads, len(pos))``: whether pattern (w, r) keeps absolute position ``pos`` for each head."""
+    offset = torch.arange(heads, device=pos.device)[:, None] % r
+    return (pos[None, :] % w) % r == offset
+
+
+def dilated_attention_ref(q, k, v, *, segment_lengths, dilation_rates, causal: bool = True, scale=None,
+                          alibi_slopes=None, kv_start: int = 0):
+    """Dense reference: per pattern the exact ``(heads, time, kv_time)`` mask of allowed pairs,
+    a masked softmax, then the mix.  Same arguments and results as ``dilated_attention``;
+    computes in fp32 at least.  Memory O(time x kv_time): tests only."""
+    segs, rates = check_patterns(segment_lengths, dilation_rates)
+    _check(q, k, v)
+    batch, time, heads, dim = q.shape
+    kv_time = k.shape[1]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = dim**-0.5 if scale is None else scale
+    group = heads // k.shape[2]
+    kt = k.repeat_interleave(group, 2).to(dtype)
+    vt = v.repeat_interleave(group, 2).to(dtype)
+    k_pos = torch.arange(kv_start, kv_start + kv_time, device=q.device)
+    q_pos = k_pos[kv_time - time:]
+    s = torch.einsum("bthd,bshd->bhts", q.to(dtype), kt) * scale
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, q_pos, k_pos).to(dtype)
+    outs, lses = [], []
+    for w, r in zip(segs, rates):
+        allowed = (q_pos[:, None] // w == k_pos[None, :] // w)[None]
+        allowed = allowed & _selected(q_pos, w, r, heads)[:, :, None] & _selected(k_pos, w, r, heads)[:, None, :]
+        if causal:
+            allowed = allowed & (k_pos[None, None, :] <= q_pos[None, :, None])
+        sp = s.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(sp, dim=-1)  # (batch, heads, time)
+        p = torch.exp(sp - lse.clamp_min(torch.finfo(dtype).min)[..., None])
+        outs.append(torch.einsum("bhts,bshd->bthd", p, vt))
+        lses.append(lse.transpose(1, 2))
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
+    out = sum(torch.exp(li - lse)[..., None] * oi for li, oi in zip(lses, outs))
+    return out.to(q.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------
+# Fast path
+
+
+def _kv_heads(x: torch.Tensor, first: int, step: int, heads: int, dim: int) -> torch.Tensor:
+    """The kv heads read by query heads ``first::step`` (GQA: head h reads h // group), along ``dim``."""
+    group = heads // x.shape[dim]
+    if group == 1:
+        return x[(slice(None),) * dim + (slice(first, None, step),)]
+    index = torch.arange(first, heads, step, device=x.device) // group
+    return x.index_select(dim, index)
+
+
+def _pieces(q, k, v, w: int, r: int, q_start: int, kv_start: int, causal: bool, scale: float, slopes):
+    """Attend pattern (w, r).  Yields ``(select, out, lse)``: ``select(t)`` is the strided view
+    of a ``(batch, time, heads, ...)`` tensor where ``out`` ``(..., head_dim)`` and ``lse``
+    belong.  Full segments made only of queries go in one batched call per head offset;
+    the others (the segment the queries start in, when it holds cached keys, and a short
+    last segment) one call each."""
+    batch, time, heads, _ = q.shape
+    q_end = q_start + time
+    first_full, end_full = -(-q_start // w) * w, (q_end // w) * w
+    segments = []  # irregular segments: (first key, end), absolute positions
+    if q_start % w:
+        segments.append(((q_start // w) * w, min((q_start // w + 1) * w, q_end)))
+    if q_end % w and end_full >= q_start:  # a short last segment (not the first one again)
+        segments.append((end_full, q_end))
+    for o in range(min(r, heads)):
+        sl = None if slopes is None else slopes[o::r] * r  # sparse index steps are r positions apart
+        if end_full > first_full:
+            n = (end_full - first_full) // w
+
+            def block(t, a=first_full - q_start, n=n, o=o):
+                return t[:, a:a + n * w].unflatten(1, (n, w))[:, :, o::r, o::r]
+
+            ks = slice(first_full - kv_start, end_full - kv_start)
+            kb = _kv_heads(k[:, ks].unflatten(1, (n, w))[:, :, o::r], o, r, heads, 3)
+            vb = _kv_heads(v[:, ks].unflatten(1, (n, w))[:, :, o::r], o, r, heads, 3)
+            qb = block(q)
+            length = qb.shape[2]
+            out, lse = attention(qb.reshape(batch * n, length, *qb.shape[3:]), kb.flatten(0, 1), vb.flatten(0, 1),
+                                 causal=causal, scale=scale, alibi_slopes=sl)
+            yield block, out.unflatten(0, (batch, n)), lse.unflatten(0, (batch, n))
+        for seg_start, seg_end in segments:
+            q0 = max(seg_start, q_start)
+            p0 = q0 + (o - (q0 - seg_start)) % r  # first query position this offset keeps
+            if p0 >= seg_end:
+                continue
+
+            def sparse(t, a=p0 - q_start, b=seg_end - q_start, o=o):
+                return t[:, a:b:r, o::r]
+
+            ks = slice(seg_start + o - kv_start, seg_end - kv_start, r)
+            kb, vb = _kv_heads(k[:, ks], o, r, heads, 2), _kv_heads(v[:, ks], o, r, heads, 2)
+            out, lse = attention(sparse(q), kb, vb, causal=causal, scale=scale, alibi_slopes=sl)
+            yield sparse, out, lse
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = True,
+    scale: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    kv_start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LongNet's dilated attention, exact.
+
+    Args:
+        q: ``(batch, time, heads, head_dim)``; the last ``time`` positions of the keys.
+        k, v: ``(batch, kv_time, kv_heads, head_dim)``, ``heads % kv_heads == 0`` (GQA).
+        segment_lengths, dilation_rates: the patterns (see ``check_patterns``).
+        causal: a query sees kept keys at or before it; otherwise ``kv_time == time``.
+        scale: score scale, default ``head_dim ** -0.5``.
+        alibi_slopes: optional ``(heads,)``; the bias uses true distances.
+        kv_start: absolute position of ``k[:, 0]`` (segments are aligned at position 0).
+
+    Returns:
+        out ``(batch, time, heads, head_dim)`` in q's dtype and lse ``(batch, time, heads)``
+        fp32, the log of the mixed softmax denominator.  Differentiable, lse included.
+    """
+    segs, rates = check_patterns(segment_lengths, dilation_rates)
+    _check(q, k, v)
+    batch, time, heads, dim = q.shape
+    kv_time = k.shape[1]
+    if causal and kv_time < time:
+        raise ValueError(f"causal attention needs at least as many keys as queries; got time={time}, kv_time={kv_time}")
+    if not causal and kv_time != time:
+        raise ValueError(f"non-causal dilated attention takes as many keys as queries; got {time} and {kv_time}")
+    q_start = kv_start + kv_time - time
+    for w in segs:
+        if (q_start // w) * w < kv_start:
+            raise ValueError(
+                f"the keys start at position {kv_start}, but queries from position {q_start} need the keys of "
+                f"their segment of {w}, from position {(q_start // w) * w} (see first_needed_position)"
+            )
+    scale = dim**-0.5 if scale is None else float(scale)
+    pieces = [(i, *piece) for i, (w, r) in enumerate(zip(segs, rates))
+              for piece in _pieces(q, k, v, w, r, q_start, kv_start, causal, scale, alibi_slopes)]
+    # Mix: lse of each pattern scattered to (batch, time, heads) (-inf where it keeps
+    # nothing), their logsumexp, then each piece added with weight exp(lse_i - lse).
+    lse_each = q.new_full((len(segs), batch, time, heads), -math.inf, dtype=torch.float32)
+    for i, select, _, lse in pieces:
+        select(lse_each[i]).copy_(lse)
+    lse = torch.logsumexp(lse_each, dim=0)
+    out = q.new_zeros(batch, time, heads, dim, dtype=torch.float32)
+    for _, select, part, part_lse in pieces:
+        target = select(out)
+        target += torch.exp(part_lse - select(lse))[..., None] * part.float()
+    return out.to(q.dtype), lse

@@ -1,0 +1,117 @@
+"""dilated_attention (strided gathers + fused kernel) against dilated_attention_ref (dense masks)."""
+
+import pytest
+import torch
+
+from longctx.ops import alibi_slopes, attention
+from longctx.ops.dilated import (
+    check_patterns,
+    dilated_attention,
+    dilated_attention_ref,
+    dilated_patterns,
+    first_needed_position,
+)
+
+
+def _inputs(batch, time, kv_time, heads, kv_heads, dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, time, heads, dim, generator=g), torch.randn(batch, kv_time, kv_heads, dim, generator=g),
+            torch.randn(batch, kv_time, kv_heads, dim, generator=g))
+
+
+def _grads(fn, q, k, v, seed=1, **kw):
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = fn(q, k, v, **kw)
+    g = torch.Generator().manual_seed(seed)
+    loss = (out * torch.randn(out.shape, generator=g)).sum() + (lse * torch.randn(lse.shape, generator=g)).sum()
+    return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
+
+
+def _compare(q, k, v, **kw):
+    fast = _grads(dilated_attention, q, k, v, **kw)
+    ref = _grads(dilated_attention_ref, q.double(), k.double(), v.double(), **kw)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), fast, ref):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+PATTERNS = {
+    "geometric": ([4, 8, 16], [1, 2, 4]),
+    "r-not-dividing-w": ([3, 7, 20], [1, 3, 6]),
+    "one": ([5], [1]),
+}
+
+
+@pytest.mark.parametrize("time", [1, 7, 16, 63])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_matches_reference(time, causal, pattern, heads, kv_heads):
+    segs, rates = PATTERNS[pattern]
+    q, k, v = _inputs(2, time, time, heads, kv_heads, 8)
+    _compare(q, k, v, segment_lengths=segs, dilation_rates=rates, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_alibi_uses_true_distances(causal):
+    q, k, v = _inputs(1, 29, 29, 4, 4, 8)
+    _compare(q, k, v, segment_lengths=[4, 12], dilation_rates=[1, 3], causal=causal, alibi_slopes=alibi_slopes(4))
+
+
+@pytest.mark.parametrize("time,kv_time,kv_start", [(1, 21, 0), (3, 10, 0), (1, 5, 16), (6, 13, 8), (9, 9, 16)])
+def test_queries_after_cached_keys(time, kv_time, kv_start):
+    """Decoding / chunked prefill: queries are the last keys, keys may start after position 0."""
+    q, k, v = _inputs(1, time, kv_time, 4, 2, 8)
+    _compare(q, k, v, segment_lengths=[4, 8], dilation_rates=[1, 2], kv_start=kv_start)
+
+
+def test_single_pattern_of_rate_one_covering_everything_is_causal_attention():
+    q, k, v = _inputs(2, 37, 37, 4, 2, 8)
+    out, lse = dilated_attention(q, k, v, segment_lengths=[64], dilation_rates=[1])
+    ref_out, ref_lse = attention(q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_of_a_longer_sequence_is_unchanged():
+    """Causal: outputs for the first t positions do not depend on later tokens."""
+    q, k, v = _inputs(1, 40, 40, 4, 4, 8)
+    kw = dict(segment_lengths=[4, 8, 32], dilation_rates=[1, 2, 4])
+    full, _ = dilated_attention(q, k, v, **kw)
+    part, _ = dilated_attention(q[:, :23], k[:, :23], v[:, :23], **kw)
+    torch.testing.assert_close(part, full[:, :23], atol=1e-6, rtol=1e-6)
+
+
+def test_patterns_helper_and_first_needed_position():
+    assert dilated_patterns(8192) == ([2048, 4096, 8192], [1, 2, 4])
+    assert dilated_patterns(100, first_segment=16, ratio=4) == ([16, 64, 256], [1, 4, 16])
+    assert first_needed_position(100, [16, 64]) == 64
+    assert first_needed_position(100, [16, 48]) == 96
+
+
+@pytest.mark.parametrize("segs,rates,match", [
+    ([8, 4], [1, 2], "strictly increasing"),
+    ([4, 4], [1, 2], "strictly increasing"),
+    ([4, 8], [1], "same length"),
+    ([4, 8], [0, 2], "rate"),
+    ([4, 8], [1, 9], "rate 9 for segment 8"),
+    ([4, 8], [2, 2], "no 1"),
+    ([], [], "non-empty"),
+    ([4.0, 8], [1, 2], "integers"),
+])
+def test_invalid_patterns(segs, rates, match):
+    with pytest.raises(ValueError, match=match):
+        check_patterns(segs, rates)
+    q, k, v = _inputs(1, 4, 4, 2, 2, 4)
+    with pytest.raises(ValueError, match=match):
+        dilated_attention(q, k, v, segment_lengths=segs, dilation_rates=rates)
+
+
+def test_bad_shapes_and_missing_keys():
+    q, k, v = _inputs(1, 8, 8, 3, 2, 4)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        dilated_attention(q, k, v, segment_lengths=[4], dilation_rates=[1])
+    q, k, v = _inputs(1, 2, 4, 2, 2, 4)
+    with pytest.raises(ValueError, match="need the keys of their segment"):
+        dilated_attention(q, k, v, segment_lengths=[4, 8], dilation_rates=[1, 2], kv_start=2)
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        dilated_attention(q, k, v, segment_lengths=[4], dilation_rates=[1], causal=False)
