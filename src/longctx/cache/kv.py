@@ -6,13 +6,16 @@ import torch
 
 
 class KVCache:
-    """Keys and values seen so far, ``(batch, seq_len, kv_heads, head_dim)``, grown in place.
+    """Keys and values of positions ``start .. seq_len - 1``, ``(batch, seq_len - start,
+    kv_heads, head_dim)``, grown in place.
 
-    Storage doubles when full, so appending one token is O(1) amortised instead of a
-    re-concatenation of the whole cache per token.  Keys are stored as the layer uses
-    them (after RoPE, which depends only on the absolute position).  When the new keys
-    carry gradients (training through a state, e.g. truncated backprop over segments)
-    the cache is concatenated out of place so autograd sees every step.
+    ``seq_len`` counts every token seen; ``start`` is 0 unless the layer drops keys it can
+    no longer use (``trim``, e.g. LongNet's finished segments).  Storage doubles when full
+    (after dropping trimmed keys), so appending one token is O(1) amortised instead of a
+    re-concatenation of the whole cache per token.  Keys are stored as the layer uses them
+    (after RoPE, which depends only on the absolute position).  When the new keys carry
+    gradients (training through a state, e.g. truncated backprop over segments) the cache
+    is concatenated out of place so autograd sees every step.
     """
 
     def __init__(self, batch_size: int, max_len: int | None = None) -> None:
@@ -20,45 +23,66 @@ class KVCache:
         self.capacity_hint = max_len or 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        self._base = 0  # absolute position of _k[:, 0]
+        self.start = 0
         self.seq_len = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``k``, ``v`` ``(batch, time, kv_heads, head_dim)``; return all keys and values."""
+        """Append ``k``, ``v`` ``(batch, time, kv_heads, head_dim)``; return the kept keys and
+        values (positions ``start .. seq_len - 1``)."""
         if k.shape[0] != self.batch_size:
             raise ValueError(f"cache was made for batch size {self.batch_size}; got {k.shape[0]}")
-        need = self.seq_len + k.shape[1]
+        new = k.shape[1]
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            if self._k is None:
-                self._k, self._v = k, v
-            else:
-                self._k = torch.cat([self._k[:, : self.seq_len], k], dim=1)
-                self._v = torch.cat([self._v[:, : self.seq_len], v], dim=1)
-            self.seq_len = need
+            if self._k is not None:
+                k, v = torch.cat([self._live(self._k), k], dim=1), torch.cat([self._live(self._v), v], dim=1)
+            self._k, self._v, self._base = k, v, self.start
+            self.seq_len += new
             return self._k, self._v
-        if self._k is None or need > self._k.shape[1] or self._k.shape[2:] != k.shape[2:]:
-            self._grow(k, v, need)
-        self._k[:, self.seq_len : need] = k
-        self._v[:, self.seq_len : need] = v
-        self.seq_len = need
-        return self._k[:, :need], self._v[:, :need]
+        stored = self.seq_len - self._base
+        if self._k is None or stored + new > self._k.shape[1] or self._k.shape[2:] != k.shape[2:]:
+            self._grow(k, v, self.seq_len - self.start + new)
+            stored = self.seq_len - self._base
+        self._k[:, stored : stored + new] = k
+        self._v[:, stored : stored + new] = v
+        self.seq_len += new
+        return self._live(self._k), self._live(self._v)
+
+    def trim(self, start: int) -> None:
+        """Forget the keys and values before absolute position ``start`` (memory is reused
+        on the next growth)."""
+        self.start = min(max(self.start, start), self.seq_len)
+
+    def _live(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.start - self._base : self.seq_len - self._base]
 
     def _grow(self, k: torch.Tensor, v: torch.Tensor, need: int) -> None:
-        capacity = max(need, 2 * (0 if self._k is None else self._k.shape[1]), self.capacity_hint, 64)
-        new_k = k.new_empty(self.batch_size, capacity, *k.shape[2:])
-        new_v = v.new_empty(self.batch_size, capacity, *v.shape[2:])
-        if self._k is not None and self.seq_len:
-            new_k[:, : self.seq_len] = self._k[:, : self.seq_len]
-            new_v[:, : self.seq_len] = self._v[:, : self.seq_len]
-        self._k, self._v = new_k, new_v
+        """Move the kept keys to the front of storage for ``need`` positions: the same
+        storage when it has room, else one of double size."""
+        live = self.seq_len - self.start
+        old = 0 if self._k is None else self._k.shape[1]
+        if self._k is not None and need <= old and self._k.shape[2:] == k.shape[2:]:
+            new_k, new_v = self._k, self._v
+        else:
+            capacity = max(need, 2 * old, self.capacity_hint, 64)
+            new_k = k.new_empty(self.batch_size, capacity, *k.shape[2:])
+            new_v = v.new_empty(self.batch_size, capacity, *v.shape[2:])
+        if live:
+            new_k[:, :live] = self._live(self._k).clone()
+            new_v[:, :live] = self._live(self._v).clone()
+        self._k, self._v, self._base = new_k, new_v, self.start
 
     def reset(self) -> None:
         self._k = self._v = None
-        self.seq_len = 0
+        self.seq_len = self.start = self._base = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self._k is None:
             return {}
-        return {"k": self._k[:, : self.seq_len].clone(), "v": self._v[:, : self.seq_len].clone()}
+        state = {"k": self._live(self._k).clone(), "v": self._live(self._v).clone()}
+        if self.start:
+            state["start"] = torch.tensor(self.start)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.reset()
@@ -67,4 +91,5 @@ class KVCache:
                 raise ValueError(
                     f"saved cache has batch size {state['k'].shape[0]}; this one {self.batch_size}"
                 )
+            self.start = self._base = self.seq_len = int(state.get("start", 0))
             self.update(state["k"], state["v"])

@@ -2,6 +2,7 @@
 
 # Importing a mixer module registers its name.
 from longctx.layers import attention as _attention  # noqa: F401
+from longctx.layers import dilated as _dilated  # noqa: F401
 from longctx.layers import mamba as _mamba  # noqa: F401
 from longctx.layers import mamba2 as _mamba2  # noqa: F401
 from longctx.layers.block import Block

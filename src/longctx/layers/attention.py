@@ -47,7 +47,15 @@ class Attention(nn.Module):
         if self.pos == "rope":
             positions = torch.arange(start, start + time, device=x.device)
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        kv_start = 0
         if state is not None:
+            kv_start = state.start
             k, v = state.update(k, v)
-        out, _ = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes)
+        out = self.attend(q, k, v, kv_start, state)
         return self.out(out.reshape(batch, time, -1))
+
+    def attend(self, q, k, v, kv_start: int, state: KVCache | None) -> torch.Tensor:
+        """Causal attention of q ``(batch, time, heads, head_dim)`` to k, v ``(batch, kv_time,
+        kv_heads, head_dim)`` starting at absolute position ``kv_start`` (the cache's kept
+        part); the queries are the last ``time`` positions."""
+        return attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes)[0]

@@ -7,6 +7,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from longctx.ops.dilated import check_patterns
+
 POSITIONS = ("rope", "alibi", "learned", "none")
 
 
@@ -48,9 +50,14 @@ class ModelConfig:
     ssm_chunk: int = 64  # mamba2: chunk length of the SSD algorithm
     ssm_bias: bool = False  # biases of the in/out projections
     ssm_conv_bias: bool = True
+    # LongNet dilated attention ("dilated"): segment lengths w and dilation rates r, the
+    # paper's set by default (longctx.ops.dilated.dilated_patterns builds geometric ones).
+    dilated_segments: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768])
+    dilated_rates: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 12])
 
     def __post_init__(self) -> None:
         self.layers = list(self.layers)
+        self.dilated_segments, self.dilated_rates = list(self.dilated_segments), list(self.dilated_rates)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and self.n_heads > 0:
@@ -87,6 +94,17 @@ class ModelConfig:
                 raise ConfigError(
                     f"mamba2 has {d_inner // self.ssm_head_dim} heads, not divisible by model.ssm_groups "
                     f"({self.ssm_groups})"
+                )
+        if "dilated" in self.layers:
+            try:
+                check_patterns(self.dilated_segments, self.dilated_rates)
+            except ValueError as e:
+                raise ConfigError(f"model.dilated_segments / model.dilated_rates: {e}") from None
+            if self.max_seq_len is not None and self.max_seq_len > max(self.dilated_segments):
+                raise ConfigError(
+                    f"model.max_seq_len ({self.max_seq_len}) exceeds the longest dilated segment "
+                    f"({max(self.dilated_segments)}): tokens further apart would never interact; add longer "
+                    "patterns (e.g. longctx.ops.dilated.dilated_patterns(max_seq_len)) or lower max_seq_len"
                 )
         if not self.layers or not all(isinstance(x, str) for x in self.layers):
             raise ConfigError(f"model.layers must be a non-empty list of mixer names; got {self.layers!r}")
