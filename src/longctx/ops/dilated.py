@@ -238,6 +238,5 @@ def dilated_attention(
     lse = torch.logsumexp(lse_each, dim=0)
     out = q.new_zeros(batch, time, heads, dim, dtype=torch.float32)
     for _, select, part, part_lse in pieces:
-        target = select(out)
-        target += torch.exp(part_lse - select(lse))[..., None] * part.float()
+        select(out).addcmul_(torch.exp(part_lse - select(lse))[..., None], part.float())
     return out.to(q.dtype), lse

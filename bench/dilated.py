@@ -1,0 +1,155 @@
+"""LongNet dilated attention vs dense causal SDPA, forward, from 4K to 1M tokens.
+
+Usage (from the repo root)::
+
+    python bench/dilated.py                          # T = 4K .. 1M (~10-15 min)
+    python bench/dilated.py --lengths 4096 8192 --first-segment 512
+
+One layer's attention, fp32, batch 1, 8 heads of 64 (``--heads``, ``--head-dim``), causal:
+
+- ``dilated``: ``longctx.ops.dilated.dilated_attention`` with the paper-shaped pattern set
+  ``dilated_patterns(T, first_segment)``: w = 2048, 4096, ... up to T, r = 1, 2, 4, ...
+  (every pattern keeps 2048 positions per segment, so the cost is linear in T).
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` on the same
+  q, k, v (transposed views), until its predicted time (4x the previous length's) exceeds
+  ``--budget-min`` minutes or its inputs exceed ``--budget-gb``.
+
+Each (impl, T) runs in a fresh subprocess: inputs are made, a small call warms up, then
+``--repeats`` timed calls (one when a call takes over 20 s); time is their median.  Memory
+is the process's peak RSS (VmHWM) over the first timed call, total and above the inputs.
+GFLOP/s counts the attended (query, key) pairs exactly (4 x head_dim FLOPs per pair), as a
+fraction of this machine's fp32 matmul GFLOP/s (bench/machine.py).
+
+Targets (issue 4): dilated time(2T) / time(T) <= 2.2 across the range; the 1M forward within
+20 GiB in one process; the speedup over dense SDPA at 64K reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from longctx.ops.dilated import dilated_attention, dilated_patterns
+from machine import matmul_gflops, proc_status, write_result
+
+DEFAULT_LENGTHS = [4096 * 2**i for i in range(9)]  # 4K .. 1M
+
+
+def attended_pairs(length: int, heads: int, segments, rates) -> int:
+    """Causal (query, key) pairs summed over patterns and heads."""
+    total = 0
+    for w, r in zip(segments, rates):
+        for h in range(heads):
+            o = h % r
+            for seg_len in [w] * (length // w) + ([length % w] if length % w else []):
+                kept = max(0, -(-(seg_len - o) // r))
+                total += kept * (kept + 1) // 2
+    return total
+
+
+def call(impl: str, q, k, v, segments, rates):
+    with torch.no_grad():
+        if impl == "dilated":
+            return dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=rates)[0]
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        return t(F.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=True))
+
+
+def one(args, impl: str, length: int) -> None:
+    """Subprocess mode: time ``impl`` at ``length``; print seconds and memory as JSON."""
+    segments, rates = dilated_patterns(length, args.first_segment)
+    g = torch.Generator().manual_seed(0)
+    small = [torch.randn(1, 4096, args.heads, args.head_dim, generator=g) for _ in range(3)]
+    call(impl, *small, *dilated_patterns(4096, min(args.first_segment, 1024)))  # threads, kernels
+    del small
+    shape = (1, length, args.heads, args.head_dim)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    base = proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS
+    times = []
+    start = time.perf_counter()
+    call(impl, q, k, v, segments, rates)
+    times.append(time.perf_counter() - start)
+    peak = proc_status("VmHWM")
+    while len(times) < args.repeats and times[0] < 20:
+        start = time.perf_counter()
+        call(impl, q, k, v, segments, rates)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": statistics.median(times), "peak_bytes": peak, "extra_bytes": peak - base,
+                      "segments": segments, "rates": rates}))
+
+
+def run_case(args, impl: str, length: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", impl, str(length), "--heads", str(args.heads),
+           "--head-dim", str(args.head_dim), "--first-segment", str(args.first_segment), "--repeats", str(args.repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--first-segment", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget-min", type=float, default=10.0, help="skip sdpa when predicted to take longer")
+    p.add_argument("--budget-gb", type=float, default=20.0)
+    p.add_argument("--one", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        return one(args, args.one[0], int(args.one[1]))
+
+    peak_gflops = matmul_gflops()
+    rows, last = [], {}
+    for length in args.lengths:
+        for impl in ("dilated", "sdpa"):
+            inputs_gb = 3 * length * args.heads * args.head_dim * 4 / 2**30
+            predicted = 4 * last[impl] if impl == "sdpa" and impl in last else 0.0
+            if predicted > 60 * args.budget_min or 2 * inputs_gb > args.budget_gb:
+                print(f"T={length} {impl}: skipped (predicted {predicted / 60:.0f} min)", flush=True)
+                continue
+            res = run_case(args, impl, length)
+            last[impl] = res["seconds"]
+            if impl == "dilated":
+                pairs = attended_pairs(length, args.heads, res["segments"], res["rates"])
+            else:
+                pairs = args.heads * length * (length + 1) // 2
+            gflops = 4 * args.head_dim * pairs / res["seconds"] / 1e9
+            rows.append({"T": length, "impl": impl, "s": res["seconds"], "GFLOP/s": gflops,
+                         "% peak": 100 * gflops / peak_gflops, "peak GiB": res["peak_bytes"] / 2**30,
+                         "extra GiB": res["extra_bytes"] / 2**30,
+                         "patterns": len(res["segments"]) if impl == "dilated" else "-"})
+            print(f"T={length} {impl}: {res['seconds']:.2f} s, peak {res['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+
+    ours = {r["T"]: r for r in rows if r["impl"] == "dilated"}
+    dense = {r["T"]: r for r in rows if r["impl"] == "sdpa"}
+    for t, r in ours.items():
+        r["x faster than sdpa"] = dense[t]["s"] / r["s"] if t in dense else "-"
+    growth = [ours[2 * t]["s"] / ours[t]["s"] for t in sorted(ours) if 2 * t in ours]
+    longest = max(ours) if ours else 0
+    extra = {
+        "heads x head_dim": f"{args.heads} x {args.head_dim}",
+        "first segment": args.first_segment,
+        "matmul GFLOP/s": round(peak_gflops),
+        "dilated time(2T)/time(T)": ", ".join(f"{g:.2f}" for g in growth),
+        "target time(2T)/time(T) <= 2.2": ("MET" if growth and max(growth) <= 2.2 else "MISSED") if growth else "n/a",
+        f"longest T run: {longest}, peak GiB": round(ours[longest]["peak GiB"], 2) if ours else "-",
+        "target 1M forward within 20 GiB": ("MET" if 1048576 in ours and ours[1048576]["peak GiB"] <= 20 else
+                                            "MISSED" if 1048576 in ours else "not run"),
+        "speedup over sdpa at 64K": (round(dense[65536]["s"] / ours[65536]["s"], 2)
+                                     if 65536 in ours and 65536 in dense else "not run"),
+    }
+    write_result("dilated", rows, extra)
+
+
+if __name__ == "__main__":
+    main()
