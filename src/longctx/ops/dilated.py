@@ -14,7 +14,8 @@ through the weights (the official code detaches them).
 ``dilated_attention`` gathers each (pattern, head offset) into strided views, runs the fused
 attention kernel on each batch of sparsified segments and scatters the results back:
 cost and memory O(time) for a fixed pattern set, never a time x time matrix, and a short
-last segment is attended as it is (no padding enters a softmax).
+last segment is attended as it is (no padding enters a softmax).  Its backward routes the
+gradient through the mix by hand into one buffer per input (see ``_DilatedAttention``).
 ``dilated_attention_ref`` builds the dense boolean mask of every pattern instead.
 
 Queries may be the last ``time`` of ``kv_time`` keys (bottom-right, as ``attention``), and
@@ -131,22 +132,56 @@ def dilated_attention_ref(q, k, v, *, segment_lengths, dilation_rates, causal: b
 # Fast path
 
 
-def _kv_heads(x: torch.Tensor, first: int, step: int, heads: int, dim: int) -> torch.Tensor:
-    """The kv heads read by query heads ``first::step`` (GQA: head h reads h // group), along ``dim``."""
-    group = heads // x.shape[dim]
-    if group == 1:
-        return x[(slice(None),) * dim + (slice(first, None, step),)]
-    index = torch.arange(first, heads, step, device=x.device) // group
-    return x.index_select(dim, index)
+class _Piece:
+    """One kernel call of pattern ``pattern``: the query heads ``first::step`` (one head
+    offset) over some of its segments.
+
+    ``q_view(t)``: the strided view of a ``(batch, time, heads, ...)`` tensor that holds
+    this piece's queries; ``kv_view(t)``: the view of a ``(batch, kv_time, kv_heads, ...)``
+    tensor over the piece's key positions (all kv heads; ``kv_heads`` picks them).  A
+    batched piece has a segment axis after batch, folded into batch for the kernel.
+    """
+
+    def __init__(self, pattern: int, q_view, kv_view, first: int, step: int, segments: int | None) -> None:
+        self.pattern, self.q_view, self.kv_view = pattern, q_view, kv_view
+        self.first, self.step, self.segments = first, step, segments
+
+    def fold(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.segments is None else x.flatten(0, 1)
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.segments is None else x.unflatten(0, (-1, self.segments))
+
+    def kv_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """The kv heads read by query heads first::step (GQA: head h reads h // group)."""
+        dim = x.dim() - 2
+        group = heads // x.shape[dim]
+        if group == 1:
+            return x[(slice(None),) * dim + (slice(self.first, None, self.step),)]
+        return x.index_select(dim, self._kv_index(heads, group, x.device))
+
+    def add_kv_heads(self, target: torch.Tensor, grad: torch.Tensor, heads: int) -> None:
+        """The transpose of kv_heads: add ``grad`` into the view ``target``, in place."""
+        dim = target.dim() - 2
+        group = heads // target.shape[dim]
+        if group == 1:
+            target[(slice(None),) * dim + (slice(self.first, None, self.step),)] += grad
+        else:
+            target.index_add_(dim, self._kv_index(heads, group, target.device), grad)
+
+    def _kv_index(self, heads: int, group: int, device) -> torch.Tensor:
+        return torch.arange(self.first, heads, self.step, device=device) // group
+
+    def inputs(self, q, k, v, heads: int):
+        """The kernel's q, k, v for this piece (strided views or gathered copies)."""
+        return (self.fold(self.q_view(q)), self.fold(self.kv_heads(self.kv_view(k), heads)),
+                self.fold(self.kv_heads(self.kv_view(v), heads)))
 
 
-def _pieces(q, k, v, w: int, r: int, q_start: int, kv_start: int, causal: bool, scale: float, slopes):
-    """Attend pattern (w, r).  Yields ``(select, out, lse)``: ``select(t)`` is the strided view
-    of a ``(batch, time, heads, ...)`` tensor where ``out`` ``(..., head_dim)`` and ``lse``
-    belong.  Full segments made only of queries go in one batched call per head offset;
-    the others (the segment the queries start in, when it holds cached keys, and a short
-    last segment) one call each."""
-    batch, time, heads, _ = q.shape
+def _plan(pattern: int, w: int, r: int, heads: int, time: int, q_start: int, kv_start: int) -> list[_Piece]:
+    """The pieces of pattern (w, r).  Full segments made only of queries go in one batched
+    call per head offset; the others (the segment the queries start in, when it holds
+    cached keys, and a short last segment) one call each."""
     q_end = q_start + time
     first_full, end_full = -(-q_start // w) * w, (q_end // w) * w
     segments = []  # irregular segments: (first key, end), absolute positions
@@ -154,35 +189,99 @@ def _pieces(q, k, v, w: int, r: int, q_start: int, kv_start: int, causal: bool, 
         segments.append(((q_start // w) * w, min((q_start // w + 1) * w, q_end)))
     if q_end % w and end_full >= q_start:  # a short last segment (not the first one again)
         segments.append((end_full, q_end))
+    pieces = []
     for o in range(min(r, heads)):
-        sl = None if slopes is None else slopes[o::r] * r  # sparse index steps are r positions apart
         if end_full > first_full:
             n = (end_full - first_full) // w
 
-            def block(t, a=first_full - q_start, n=n, o=o):
+            def q_view(t, a=first_full - q_start, n=n, o=o):
                 return t[:, a:a + n * w].unflatten(1, (n, w))[:, :, o::r, o::r]
 
-            ks = slice(first_full - kv_start, end_full - kv_start)
-            kb = _kv_heads(k[:, ks].unflatten(1, (n, w))[:, :, o::r], o, r, heads, 3)
-            vb = _kv_heads(v[:, ks].unflatten(1, (n, w))[:, :, o::r], o, r, heads, 3)
-            qb = block(q)
-            length = qb.shape[2]
-            out, lse = attention(qb.reshape(batch * n, length, *qb.shape[3:]), kb.flatten(0, 1), vb.flatten(0, 1),
-                                 causal=causal, scale=scale, alibi_slopes=sl)
-            yield block, out.unflatten(0, (batch, n)), lse.unflatten(0, (batch, n))
+            def kv_view(t, a=first_full - kv_start, n=n, o=o):
+                return t[:, a:a + n * w].unflatten(1, (n, w))[:, :, o::r]
+
+            pieces.append(_Piece(pattern, q_view, kv_view, o, r, n))
         for seg_start, seg_end in segments:
             q0 = max(seg_start, q_start)
             p0 = q0 + (o - (q0 - seg_start)) % r  # first query position this offset keeps
             if p0 >= seg_end:
                 continue
 
-            def sparse(t, a=p0 - q_start, b=seg_end - q_start, o=o):
+            def q_view(t, a=p0 - q_start, b=seg_end - q_start, o=o):
                 return t[:, a:b:r, o::r]
 
-            ks = slice(seg_start + o - kv_start, seg_end - kv_start, r)
-            kb, vb = _kv_heads(k[:, ks], o, r, heads, 2), _kv_heads(v[:, ks], o, r, heads, 2)
-            out, lse = attention(sparse(q), kb, vb, causal=causal, scale=scale, alibi_slopes=sl)
-            yield sparse, out, lse
+            def kv_view(t, a=seg_start + o - kv_start, b=seg_end - kv_start):
+                return t[:, a:b:r]
+
+            pieces.append(_Piece(pattern, q_view, kv_view, o, r, None))
+    return pieces
+
+
+def _forward(q, k, v, pieces, n_patterns: int, causal: bool, scale: float, slopes, keep_graph: bool):
+    """Attend every piece and mix.  Returns out (fp32), lse and per piece (kernel inputs,
+    out, lse); with ``keep_graph`` the kernel inputs are leaves and the piece outputs keep
+    their autograd graph (for the backward), otherwise only the outputs are kept."""
+    batch, time, heads, dim = q.shape
+    results = []
+    for piece in pieces:
+        inputs = piece.inputs(q, k, v, heads)
+        sl = None if slopes is None else slopes[piece.first::piece.step] * piece.step  # kept keys are r apart
+        if keep_graph:
+            inputs = tuple(x.detach().requires_grad_() for x in inputs)
+        with torch.set_grad_enabled(keep_graph):
+            out, lse = attention(*inputs, causal=causal, scale=scale, alibi_slopes=sl)
+        results.append((inputs if keep_graph else None, out, lse))
+    # Mix: lse of each pattern scattered to (batch, time, heads) (-inf where it keeps
+    # nothing), their logsumexp, then each piece added with weight exp(lse_i - lse).
+    lse_each = q.new_full((n_patterns, batch, time, heads), -math.inf, dtype=torch.float32)
+    for piece, (_, _, part_lse) in zip(pieces, results):
+        piece.q_view(lse_each[piece.pattern]).copy_(piece.unfold(part_lse.detach()))
+    lse = torch.logsumexp(lse_each, dim=0)
+    out = q.new_zeros(batch, time, heads, dim, dtype=torch.float32)
+    for piece, (_, part, part_lse) in zip(pieces, results):
+        weight = torch.exp(piece.unfold(part_lse.detach()) - piece.q_view(lse))
+        piece.q_view(out).addcmul_(weight[..., None], piece.unfold(part.detach()).float())
+    return out, lse, results
+
+
+class _DilatedAttention(torch.autograd.Function):
+    """Training path.  The backward takes each piece's share of the gradient through the
+    mix (out = sum_i w_i out_i, w_i = exp(lse_i - lse)):
+
+        d out_i = w_i d_out,   d lse_i = w_i (d_lse + <d_out, out_i - out>)
+
+    runs the kernel's backward on the piece's own graph and adds the result into full
+    gradient buffers through the same strided views: one full-size buffer per input,
+    not one per piece as autograd through the views would allocate."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pieces, n_patterns, causal, scale, slopes):
+        out, lse, results = _forward(q, k, v, pieces, n_patterns, causal, scale, slopes, keep_graph=True)
+        ctx.pieces, ctx.results, ctx.heads = pieces, results, q.shape[2]
+        ctx.save_for_backward(out, lse)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        ctx.shapes = (q.shape, k.shape, v.shape)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_lse):
+        out, lse = ctx.saved_tensors
+        d_out = d_out.float()
+        grads = [torch.zeros(shape, dtype=torch.float32, device=out.device) for shape in ctx.shapes]
+        for piece, (inputs, part, part_lse) in zip(ctx.pieces, ctx.results):
+            g_out = piece.q_view(d_out)
+            weight = torch.exp(piece.unfold(part_lse.detach()) - piece.q_view(lse))
+            d_part = weight[..., None] * g_out
+            d_part_lse = weight * (piece.q_view(d_lse) + (g_out * (piece.unfold(part.detach()) - piece.q_view(out))).sum(-1))
+            gq, gk, gv = torch.autograd.grad((part, part_lse), inputs,
+                                             (piece.fold(d_part).to(part.dtype), piece.fold(d_part_lse)))
+            piece.q_view(grads[0]).add_(piece.unfold(gq))
+            piece.add_kv_heads(piece.kv_view(grads[1]), piece.unfold(gk), ctx.heads)
+            piece.add_kv_heads(piece.kv_view(grads[2]), piece.unfold(gv), ctx.heads)
+        del ctx.results  # the pieces' graphs are used once
+        dq, dk, dv = (g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return dq, dk, dv, None, None, None, None, None
 
 
 def dilated_attention(
@@ -228,15 +327,9 @@ def dilated_attention(
                 f"their segment of {w}, from position {(q_start // w) * w} (see first_needed_position)"
             )
     scale = dim**-0.5 if scale is None else float(scale)
-    pieces = [(i, *piece) for i, (w, r) in enumerate(zip(segs, rates))
-              for piece in _pieces(q, k, v, w, r, q_start, kv_start, causal, scale, alibi_slopes)]
-    # Mix: lse of each pattern scattered to (batch, time, heads) (-inf where it keeps
-    # nothing), their logsumexp, then each piece added with weight exp(lse_i - lse).
-    lse_each = q.new_full((len(segs), batch, time, heads), -math.inf, dtype=torch.float32)
-    for i, select, _, lse in pieces:
-        select(lse_each[i]).copy_(lse)
-    lse = torch.logsumexp(lse_each, dim=0)
-    out = q.new_zeros(batch, time, heads, dim, dtype=torch.float32)
-    for _, select, part, part_lse in pieces:
-        select(out).addcmul_(torch.exp(part_lse - select(lse))[..., None], part.float())
+    pieces = [piece for i, (w, r) in enumerate(zip(segs, rates))
+              for piece in _plan(i, w, r, heads, time, q_start, kv_start)]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _DilatedAttention.apply(q, k, v, pieces, len(segs), causal, scale, alibi_slopes)
+    out, lse, _ = _forward(q, k, v, pieces, len(segs), causal, scale, alibi_slopes, keep_graph=False)
     return out.to(q.dtype), lse
