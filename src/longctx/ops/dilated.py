@@ -132,7 +132,7 @@ def dilated_attention_ref(q, k, v, *, segment_lengths, dilation_rates, causal: b
 # Fast path
 
 
-class _Piece:
+class Piece:
     """One kernel call of pattern ``pattern``: the query heads ``first::step`` (one head
     offset) over some of its segments.
 
@@ -172,13 +172,19 @@ class _Piece:
     def _kv_index(self, heads: int, group: int, device) -> torch.Tensor:
         return torch.arange(self.first, heads, self.step, device=device) // group
 
-    def inputs(self, q, k, v, heads: int):
+    def inputs(self, q, k, v, heads: int, extra):
         """The kernel's q, k, v for this piece (strided views or gathered copies)."""
         return (self.fold(self.q_view(q)), self.fold(self.kv_heads(self.kv_view(k), heads)),
                 self.fold(self.kv_heads(self.kv_view(v), heads)))
 
+    def add_grads(self, grads, extra_grads, gq, gk, gv, heads: int) -> None:
+        """Add the kernel's input gradients into the full ``grads`` of q, k, v, in place."""
+        self.q_view(grads[0]).add_(self.unfold(gq))
+        self.add_kv_heads(self.kv_view(grads[1]), self.unfold(gk), heads)
+        self.add_kv_heads(self.kv_view(grads[2]), self.unfold(gv), heads)
 
-def _plan(pattern: int, w: int, r: int, heads: int, time: int, q_start: int, kv_start: int) -> list[_Piece]:
+
+def plan_pattern(pattern: int, w: int, r: int, heads: int, time: int, q_start: int, kv_start: int) -> list[Piece]:
     """The pieces of pattern (w, r).  Full segments made only of queries go in one batched
     call per head offset; the others (the segment the queries start in, when it holds
     cached keys, and a short last segment) one call each."""
@@ -200,7 +206,7 @@ def _plan(pattern: int, w: int, r: int, heads: int, time: int, q_start: int, kv_
             def kv_view(t, a=first_full - kv_start, n=n, o=o):
                 return t[:, a:a + n * w].unflatten(1, (n, w))[:, :, o::r]
 
-            pieces.append(_Piece(pattern, q_view, kv_view, o, r, n))
+            pieces.append(Piece(pattern, q_view, kv_view, o, r, n))
         for seg_start, seg_end in segments:
             q0 = max(seg_start, q_start)
             p0 = q0 + (o - (q0 - seg_start)) % r  # first query position this offset keeps
@@ -213,18 +219,19 @@ def _plan(pattern: int, w: int, r: int, heads: int, time: int, q_start: int, kv_
             def kv_view(t, a=seg_start + o - kv_start, b=seg_end - kv_start):
                 return t[:, a:b:r]
 
-            pieces.append(_Piece(pattern, q_view, kv_view, o, r, None))
+            pieces.append(Piece(pattern, q_view, kv_view, o, r, None))
     return pieces
 
 
-def _forward(q, k, v, pieces, n_patterns: int, causal: bool, scale: float, slopes, keep_graph: bool):
+def _forward(q, k, v, pieces, n_patterns: int, causal: bool, scale: float, slopes, keep_graph: bool, extra=()):
     """Attend every piece and mix.  Returns out (fp32), lse and per piece (kernel inputs,
     out, lse); with ``keep_graph`` the kernel inputs are leaves and the piece outputs keep
-    their autograd graph (for the backward), otherwise only the outputs are kept."""
+    their autograd graph (for the backward), otherwise only the outputs are kept.
+    ``extra``: further key/value tensors some pieces read (sequence parallelism)."""
     batch, time, heads, dim = q.shape
     results = []
     for piece in pieces:
-        inputs = piece.inputs(q, k, v, heads)
+        inputs = piece.inputs(q, k, v, heads, extra)
         sl = None if slopes is None else slopes[piece.first::piece.step] * piece.step  # kept keys are r apart
         if keep_graph:
             inputs = tuple(x.detach().requires_grad_() for x in inputs)
@@ -255,12 +262,12 @@ class _DilatedAttention(torch.autograd.Function):
     not one per piece as autograd through the views would allocate."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pieces, n_patterns, causal, scale, slopes):
-        out, lse, results = _forward(q, k, v, pieces, n_patterns, causal, scale, slopes, keep_graph=True)
+    def forward(ctx, q, k, v, pieces, n_patterns, causal, scale, slopes, *extra):
+        out, lse, results = _forward(q, k, v, pieces, n_patterns, causal, scale, slopes, True, extra)
         ctx.pieces, ctx.results, ctx.heads = pieces, results, q.shape[2]
         ctx.save_for_backward(out, lse)
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        ctx.shapes = (q.shape, k.shape, v.shape)
+        ctx.dtypes = [x.dtype for x in (q, k, v, *extra)]
+        ctx.shapes = [x.shape for x in (q, k, v, *extra)]
         return out.to(q.dtype), lse
 
     @staticmethod
@@ -269,6 +276,7 @@ class _DilatedAttention(torch.autograd.Function):
         out, lse = ctx.saved_tensors
         d_out = d_out.float()
         grads = [torch.zeros(shape, dtype=torch.float32, device=out.device) for shape in ctx.shapes]
+        own, extra_grads = grads[:3], grads[3:]
         for piece, (inputs, part, part_lse) in zip(ctx.pieces, ctx.results):
             g_out = piece.q_view(d_out)
             weight = torch.exp(piece.unfold(part_lse.detach()) - piece.q_view(lse))
@@ -276,12 +284,10 @@ class _DilatedAttention(torch.autograd.Function):
             d_part_lse = weight * (piece.q_view(d_lse) + (g_out * (piece.unfold(part.detach()) - piece.q_view(out))).sum(-1))
             gq, gk, gv = torch.autograd.grad((part, part_lse), inputs,
                                              (piece.fold(d_part).to(part.dtype), piece.fold(d_part_lse)))
-            piece.q_view(grads[0]).add_(piece.unfold(gq))
-            piece.add_kv_heads(piece.kv_view(grads[1]), piece.unfold(gk), ctx.heads)
-            piece.add_kv_heads(piece.kv_view(grads[2]), piece.unfold(gv), ctx.heads)
+            piece.add_grads(own, extra_grads, gq, gk, gv, ctx.heads)
         del ctx.results  # the pieces' graphs are used once
-        dq, dk, dv = (g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv, *d_extra = (g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return (dq, dk, dv, None, None, None, None, None, *d_extra)
 
 
 def dilated_attention(
@@ -328,8 +334,15 @@ def dilated_attention(
             )
     scale = dim**-0.5 if scale is None else float(scale)
     pieces = [piece for i, (w, r) in enumerate(zip(segs, rates))
-              for piece in _plan(i, w, r, heads, time, q_start, kv_start)]
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        return _DilatedAttention.apply(q, k, v, pieces, len(segs), causal, scale, alibi_slopes)
-    out, lse, _ = _forward(q, k, v, pieces, len(segs), causal, scale, alibi_slopes, keep_graph=False)
+              for piece in plan_pattern(i, w, r, heads, time, q_start, kv_start)]
+    return attend_pieces(q, k, v, pieces, len(segs), causal=causal, scale=scale, alibi_slopes=alibi_slopes)
+
+
+def attend_pieces(q, k, v, pieces: list[Piece], n_patterns: int, *, causal: bool, scale: float, alibi_slopes=None,
+                  extra: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend and mix planned pieces (``plan_pattern``, or pieces reading key/values from
+    ``extra``, as sequence parallelism does); differentiable in q, k, v and ``extra``."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *extra)):
+        return _DilatedAttention.apply(q, k, v, pieces, n_patterns, causal, scale, alibi_slopes, *extra)
+    out, lse, _ = _forward(q, k, v, pieces, n_patterns, causal, scale, alibi_slopes, False, extra)
     return out.to(q.dtype), lse
