@@ -45,7 +45,7 @@ class Attention(nn.Module):
         v = v.view(batch, time, self.n_kv_heads, self.head_dim)
         start = 0 if state is None else state.seq_len
         if self.pos == "rope":
-            positions = torch.arange(start, start + time, device=x.device)
+            positions = self.positions(start, time, x.device)
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         kv_start = 0
         if state is not None:
@@ -53,6 +53,12 @@ class Attention(nn.Module):
             k, v = state.update(k, v)
         out = self.attend(q, k, v, kv_start, state)
         return self.out(out.reshape(batch, time, -1))
+
+    # Seams that sequence parallelism (longctx.distributed) replaces on an instance.
+
+    def positions(self, start: int, time: int, device) -> torch.Tensor:
+        """Absolute positions ``(time,)`` of the new tokens."""
+        return torch.arange(start, start + time, device=device)
 
     def attend(self, q, k, v, kv_start: int, state: KVCache | None) -> torch.Tensor:
         """Causal attention of q ``(batch, time, heads, head_dim)`` to k, v ``(batch, kv_time,

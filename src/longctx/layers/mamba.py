@@ -93,17 +93,28 @@ class Mamba(nn.Module):
             return self.out_proj(self._decode(self.in_proj(x)[:, 0], state)[:, None])
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         conv_prefix = None if state is None else state.conv
-        xs, new_prefix = causal_conv(xs.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_prefix)
+        xs, new_prefix = self.conv(xs.transpose(1, 2), conv_prefix)
         xs = F.silu(xs).transpose(1, 2)  # (batch, time, d_inner)
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # bias goes in as delta_bias (added in fp32)
         A = -torch.exp(self.A_log.float())
         h0 = None if state is None else state.ssm
-        y, h = selective_scan(xs, dt, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
-                              delta_softplus=True, initial_state=h0)
+        y, h = self.scan(xs, dt, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True,
+                         initial_state=h0)
         if state is not None:
             state.update(new_prefix, h, time)
         return self.out_proj(y)
+
+    # Seams that sequence parallelism (longctx.distributed) replaces on an instance; the
+    # model code itself stays single-device.
+
+    def conv(self, x: torch.Tensor, prefix: torch.Tensor | None):
+        """Causal depthwise conv ``(batch, channels, time)`` continuing from ``prefix``; see causal_conv."""
+        return causal_conv(x, self.conv1d.weight, self.conv1d.bias, prefix)
+
+    def scan(self, *args, **kwargs):
+        """The selective scan (``longctx.ops.scan.selective_scan``'s arguments and results)."""
+        return selective_scan(*args, **kwargs)
 
     def _decode(self, xz: torch.Tensor, state: SSMState) -> torch.Tensor:
         """One token ``xz (batch, 2 * d_inner)`` -> y ``(batch, d_inner)``, state advanced:

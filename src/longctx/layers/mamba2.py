@@ -76,7 +76,7 @@ class Mamba2(nn.Module):
         batch, time, _ = x.shape
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         conv_prefix = None if state is None else state.conv
-        xbc, new_prefix = causal_conv(xbc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_prefix)
+        xbc, new_prefix = self.conv(xbc.transpose(1, 2), conv_prefix)
         xbc = F.silu(xbc).transpose(1, 2)
         xs, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         xs = xs.unflatten(-1, (self.n_heads, self.head_dim))
@@ -89,8 +89,18 @@ class Mamba2(nn.Module):
                             dt_softplus=True)
             y = y[:, None]
         else:
-            y, h = ssd(xs, dt, A, B, C, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                       initial_state=h0, chunk_size=self.chunk)
+            y, h = self.scan(xs, dt, A, B, C, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                             initial_state=h0, chunk_size=self.chunk)
         if state is not None:
             state.update(new_prefix, h, time)
         return self.out_proj(self.norm(y.flatten(-2), z))
+
+    # Seams that sequence parallelism (longctx.distributed) replaces on an instance.
+
+    def conv(self, x: torch.Tensor, prefix: torch.Tensor | None):
+        """Causal depthwise conv ``(batch, channels, time)`` continuing from ``prefix``; see causal_conv."""
+        return causal_conv(x, self.conv1d.weight, self.conv1d.bias, prefix)
+
+    def scan(self, *args, **kwargs):
+        """The SSD scan (``longctx.ops.ssd.ssd``'s arguments and results)."""
+        return ssd(*args, **kwargs)

@@ -105,12 +105,16 @@ class LanguageModel(nn.Module):
             raise ValueError(f"state was made for batch size {state.batch_size}; ids have {ids.shape[0]}")
         x = self.embed(ids)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + ids.shape[1], device=ids.device))
+            x = x + self.pos_embed(self.positions(start, ids.shape[1], ids.device))
         for i, block in enumerate(self.blocks):
             x = block(x, None if state is None else state.layers[i])
         if state is not None:
             state.seq_len += ids.shape[1]
         return self.lm_head(self.norm(x))
+
+    def positions(self, start: int, time: int, device) -> torch.Tensor:
+        """Absolute positions ``(time,)`` of new tokens (a seam sequence parallelism replaces)."""
+        return torch.arange(start, start + time, device=device)
 
     def num_parameters(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
