@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -35,9 +36,14 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_run_config(args.preset or "tiny", args.config, args.set)
     if args.data is not None:
         cfg.data.path = args.data
+    if args.sequence_parallel is not None:
+        cfg.train.sequence_parallel = args.sequence_parallel
+        cfg.train.__post_init__()
     result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
     if result.interrupted:
         return 130
+    if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 reports
+        return 0
     if result.val is not None:
         print(
             f"final: validation {result.val['bpb']:.3f} bits/byte (loss {result.val['loss']:.4f}, "
@@ -142,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="save a checkpoint and stop after STEP (continue later with --resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sequence-parallel", type=int, metavar="P",
+                   help="split each sequence over P processes (launch with torchrun --nproc_per_node P)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("generate", help="generate text from a trained run, printed as it comes")

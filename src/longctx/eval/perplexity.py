@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -12,12 +12,17 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def evaluate_loss(
-    model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, torch.Tensor]], token_bytes: np.ndarray
+    model: torch.nn.Module,
+    windows: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    token_bytes: np.ndarray,
+    total: Callable[[list[float]], list[float]] | None = None,
 ) -> dict[str, float]:
     """Mean next-token loss over ``(x, y)`` windows ``(batch, time)``.
 
     Returns ``loss`` (nats per token), ``ppl``, ``bpb`` (bits per UTF-8 byte of the
-    predicted tokens: comparable across tokenizers) and ``tokens``.
+    predicted tokens: comparable across tokenizers) and ``tokens``.  ``total`` sums this
+    process's (nats, tokens, bytes) with the other processes' when each holds a shard of
+    the windows (sequence parallelism).
     """
     was_training = model.training
     model.eval()
@@ -32,6 +37,8 @@ def evaluate_loss(
             n_bytes += int(table[y].sum())
     finally:
         model.train(was_training)
+    if total is not None:
+        nats, tokens, n_bytes = total([nats, tokens, n_bytes])
     if tokens == 0:
         raise ValueError("no evaluation windows: the data is too short")
     loss = nats / tokens

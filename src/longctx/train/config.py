@@ -19,6 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from longctx.distributed.layout import LAYOUTS
 from longctx.model.config import ConfigError, ModelConfig
 
 
@@ -60,6 +61,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+    sequence_parallel: int = 1  # processes each sequence is split over (run under torchrun)
+    sequence_layout: str = "contiguous"  # contiguous | zigzag (balanced causal attention)
+    dist_timeout: float = 300.0  # seconds a collective may wait for another process
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
@@ -72,6 +76,11 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0; got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables); got {self.grad_clip}")
+        _check(isinstance(self.sequence_parallel, int) and self.sequence_parallel >= 1,
+               f"train.sequence_parallel must be a positive integer; got {self.sequence_parallel!r}")
+        _check(self.sequence_layout in LAYOUTS,
+               f"train.sequence_layout must be one of {', '.join(LAYOUTS)}; got {self.sequence_layout!r}")
+        _check(self.dist_timeout > 0, f"train.dist_timeout must be positive; got {self.dist_timeout}")
 
 
 @dataclass

@@ -45,6 +45,7 @@ from longctx.train.checkpoint import (
 from longctx.train.config import RunConfig
 from longctx.train.metrics import MetricsLog, plot_loss
 from longctx.train.optim import lr_at, make_optimizer
+from longctx.train.parallel import sequence_parallel_from
 
 
 @dataclass
@@ -135,11 +136,33 @@ def train(
     ``train.steps``): for time-sliced jobs.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prepare_run_dir(cfg, run_dir, resume)
     tc = cfg.train
+    sp = sequence_parallel_from(tc)
+    if sp is None:
+        return _train(cfg, run_dir, resume, stop_at, progress, log, None)
+    try:
+        with sp.failures_named():
+            # Rank 0 alone writes files and reports.
+            if sp.rank:
+                progress, log = False, lambda message: None
+            return _train(cfg, run_dir, resume, stop_at, progress, log, sp)
+    finally:
+        sp.close()
 
-    tokenizer = _tokenizer(cfg, run_dir, resume, log)
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, stop_at, progress: bool, log, sp) -> TrainResult:
+    main = sp is None or sp.rank == 0
+    tc = cfg.train
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(cfg, run_dir, resume)
+    if sp is not None:
+        sp.check_length(tc.seq_len)
+        if not main:  # the tokenizer and the token cache come from rank 0
+            sp.barrier()
+
+    tokenizer = _tokenizer(cfg, run_dir, resume, log) if main or cfg.data.tokenizer == "byte" or resume \
+        else load_tokenizer(run_dir)
     if cfg.model.vocab_size < tokenizer.vocab_size:
         # A larger embedding than the tokenizer needs is fine (unused rows); smaller is not.
         if resume:
@@ -148,6 +171,10 @@ def train(
         cfg.model.vocab_size = tokenizer.vocab_size
     dataset = prepare_dataset(cfg.data.path or None, tokenizer, val_fraction=cfg.data.val_fraction, progress=progress)
     train_ds, val_ds = TokenDataset(dataset, "train"), TokenDataset(dataset, "val")
+    if main and not resume:
+        save_tokenizer(tokenizer, run_dir)
+    if sp is not None and main:
+        sp.barrier()
     token_bytes = tokenizer.token_bytes()
     unigram = unigram_bits_per_byte(
         train_ds.tokens(), val_ds.tokens(), token_bytes, tokenizer.vocab_size
@@ -165,22 +192,32 @@ def train(
         ckpt = latest_checkpoint(run_dir)
         step = load_checkpoint(ckpt, model, optimizer)["step"]
         log(f"resumed from {ckpt} at step {step}")
-    else:
-        save_tokenizer(tokenizer, run_dir)
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume else None)
+    if main:
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume else None) if main else None
+    if sp is not None:
+        model = sp.parallelize(model)
+        log(f"sequence parallel: each sequence split over {sp.world} processes ({sp.layout} layout)")
     log(
         f"model: {model.num_parameters():,} parameters ({', '.join(sorted(set(cfg.model.layers)))}); "
         f"{tc.steps} steps of {tc.batch_size * tc.grad_accum} x {tc.seq_len} tokens"
     )
 
+    def shard(x):
+        return x if sp is None else sp.shard(x)
+
     def validate() -> dict[str, float]:
-        result = evaluate_loss(model, val_ds.windows(tc.seq_len, tc.batch_size, tc.eval_batches), token_bytes)
-        metrics.write({"step": step, "val_loss": result["loss"], "val_bpb": result["bpb"], "val_ppl": result["ppl"]})
+        windows = ((shard(x), shard(y)) for x, y in val_ds.windows(tc.seq_len, tc.batch_size, tc.eval_batches))
+        result = evaluate_loss(model, windows, token_bytes, total=None if sp is None else sp.sum)
+        if main:
+            metrics.write({"step": step, "val_loss": result["loss"], "val_bpb": result["bpb"],
+                           "val_ppl": result["ppl"]})
         return result
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, step, model, optimizer, {"seed": tc.seed, "data_position": step}, tc.keep_checkpoints)
+        if main:
+            save_checkpoint(run_dir, step, model, optimizer, {"seed": tc.seed, "data_position": step},
+                            tc.keep_checkpoints)
 
     end = tc.steps if stop_at is None else min(stop_at, tc.steps)
     tokens_per_step = tc.batch_size * tc.grad_accum * tc.seq_len
@@ -198,10 +235,15 @@ def train(
             loss_sum = 0.0
             for _ in range(tc.grad_accum):
                 x, y = train_ds.sample_batch(tc.batch_size, tc.seq_len, generator)
-                logits = model(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                logits = model(shard(x))
+                # Mean over the whole batch's tokens: with a split sequence, each rank's sum
+                # over its tokens / all tokens; the ranks' gradients add up to the mean's.
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), shard(y).flatten(), reduction="sum") / y.numel()
                 (loss / tc.grad_accum).backward()
                 loss_sum += float(loss.detach())
+            if sp is not None:
+                sp.all_reduce_gradients(model)
+                loss_sum = sp.sum([loss_sum])[0]
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
             )
@@ -217,7 +259,7 @@ def train(
                     "train.warmup_steps" + (f" (last good checkpoint: {last})" if last else "")
                 )
             bar.update(1)
-            if step % tc.log_every == 0 or step == end:
+            if main and (step % tc.log_every == 0 or step == end):
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 metrics.write({"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
@@ -226,8 +268,10 @@ def train(
                 window_start, window_steps = time.perf_counter(), 0
             if step % tc.eval_every == 0 or step == tc.steps:
                 val = validate()
-                bar.write(f"step {step}: val loss {val['loss']:.4f}, {val['bpb']:.3f} bits/byte (unigram {unigram:.3f})")
-            if stop_flag["stop"]:
+                if main:
+                    bar.write(f"step {step}: val loss {val['loss']:.4f}, {val['bpb']:.3f} bits/byte "
+                              f"(unigram {unigram:.3f})")
+            if stop_flag["stop"] if sp is None else sp.any(stop_flag["stop"]):  # all ranks stop together
                 interrupted = True
                 break
             if step % tc.save_every == 0 or step == end:
@@ -239,7 +283,11 @@ def train(
         return TrainResult(step, True, val, unigram, None)
 
     sample = None
-    if step == tc.steps and val is not None:  # skip when a finished run was resumed
+    if main and step == tc.steps and val is not None:  # skip when a finished run was resumed
+        if sp is not None:  # sampling runs on a plain single-process copy
+            plain = LanguageModel(cfg.model)
+            plain.load_state_dict(model.state_dict())
+            model = plain.eval()
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", unigram)
         write_json_atomic(run_dir / "summary.json", {
             "step": step, "val": val, "unigram_bpb": unigram, "parameters": model.num_parameters(),

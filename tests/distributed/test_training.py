@@ -1,0 +1,66 @@
+"""Sequence-parallel training through torchrun: same course as one process, checkpoints load
+either way, and a failing rank stops the others with an error naming it."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from longctx.train import load_run_config, train
+from tests.distributed.harness import run_ranks
+
+SETTINGS = ["model.layers=['mamba','attention','mamba2']", "model.d_model=32", "model.n_heads=2",
+            "model.mlp_hidden=0", "model.ssm_head_dim=16", "train.steps=4", "train.batch_size=2",
+            "train.seq_len=64", "train.eval_every=2", "train.eval_batches=2", "train.save_every=2",
+            "train.log_every=1", "sample.max_new_tokens=0"]
+
+
+def _cli(run, corpus, procs, *extra):
+    sets = [arg for s in SETTINGS for arg in ("--set", s)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "-m", "longctx"] \
+        if procs > 1 else [sys.executable, "-m", "longctx"]
+    cmd = [*launcher, "train", "--data", str(corpus), "--out", str(run), "--quiet", *sets, *extra]
+    if procs > 1:
+        cmd += ["--sequence-parallel", str(procs)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _losses(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+
+def test_two_processes_follow_one_process_and_checkpoints_interchange(tmp_path, tiny_corpus):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _cli(one, tiny_corpus, 1).returncode == 0
+    result = _cli(two, tiny_corpus, 2, "--stop-at", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Resume the 2-process run's checkpoint in one process: it finishes the same course.
+    result = _cli(two, tiny_corpus, 1, "--resume", "--set", "train.sequence_parallel=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(one), _losses(two), strict=True):
+        assert s1 == s2
+        for a, b in ((l1, l2), (v1, v2)):
+            assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-4))
+
+
+def _failing(rank, world, corpus, run):
+    """Rank 1 is given a corpus that does not exist: it fails inside train(); rank 0 must not hang."""
+    cfg = load_run_config("tiny", None, [*SETTINGS, "train.sequence_parallel=2"])
+    cfg.data.path = str(corpus) if rank == 0 else str(corpus) + "-missing"
+    start = time.perf_counter()
+    try:
+        train(cfg, run, progress=False, log=lambda m: None)
+    except Exception as exc:  # noqa: BLE001 - the test inspects what each rank raised
+        return type(exc).__name__, str(exc), time.perf_counter() - start
+    return None, None, time.perf_counter() - start
+
+
+def test_a_failing_rank_stops_the_others_naming_it(tmp_path, tiny_corpus):
+    (_, error0, seconds0), (kind1, error1, _) = run_ranks(_failing, 2, tiny_corpus, tmp_path / "run", timeout=120)
+    assert kind1 == "DataError" and "missing" in error1
+    assert error0 is not None and error0.startswith("rank 0: sequence-parallel training stopped")
+    assert "(rank 1: DataError: data path" in error0  # the failed rank and its error are named
+    assert seconds0 < 60
