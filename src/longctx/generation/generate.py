@@ -57,7 +57,7 @@ def stream(
         ids = torch.cat([pending.to(ids.device), ids.expand(pending.shape[0], -1)], dim=1)
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos_id)")
-    limit = model.config.max_seq_len
+    limit = model.position_limit(state)
     seen = state.seq_len
     if limit is not None and seen + ids.shape[1] + max_new_tokens > limit:
         raise ValueError(

@@ -19,8 +19,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps) if config.mlp_hidden else None
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden) if config.mlp_hidden else None
 
-    def init_state(self, batch_size: int, max_len: int | None = None):
-        return self.mixer.init_state(batch_size, max_len)
+    def init_state(self, batch_size: int, max_len: int | None = None, **cache_options):
+        """The mixer's state; ``cache_options`` go to its ``init_state`` (attention's cache policy)."""
+        return self.mixer.init_state(batch_size, max_len, **cache_options)
 
     def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), state)

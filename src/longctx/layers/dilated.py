@@ -27,6 +27,15 @@ class DilatedAttention(Attention):
         super().__init__(config, layer_idx)
         self.segments, self.rates = list(config.dilated_segments), list(config.dilated_rates)
 
+    def init_state(self, batch_size: int, max_len: int | None = None, cache: str = "dense", **options) -> KVCache:
+        """A ``KVCache`` (trimmed as described above); only ``cache="dense"``: the decoding
+        rule needs each token's own segments at their absolute positions, which a sink or
+        window cache would neither keep nor number that way."""
+        if cache != "dense":
+            raise ValueError(f"dilated attention layers take only cache='dense' (they bound their cache by segment "
+                             f"already); got cache={cache!r}")
+        return super().init_state(batch_size, max_len, cache, **options)
+
     def attend(self, q, k, v, kv_start: int, state: KVCache | None) -> torch.Tensor:
         out, _ = dilated_attention(q, k, v, segment_lengths=self.segments, dilation_rates=self.rates, causal=True,
                                    alibi_slopes=self.alibi_slopes, kv_start=kv_start)

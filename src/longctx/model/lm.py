@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from longctx.cache.io import load_state, save_state
+from longctx.cache.kv import KVCache
 from longctx.cache.model_state import ModelState
+from longctx.cache.sink import SinkKVCache
 from longctx.layers import Block, RMSNorm, mixer_names
+from longctx.layers.attention import Attention
 from longctx.model.config import ConfigError, ModelConfig
 
 
@@ -55,10 +58,30 @@ class LanguageModel(nn.Module):
             if hasattr(block.mixer, "reset_parameters"):
                 block.mixer.reset_parameters()
 
-    def init_state(self, batch_size: int = 1, max_len: int | None = None) -> ModelState:
+    def init_state(self, batch_size: int = 1, max_len: int | None = None, **cache_options) -> ModelState:
         """A fresh state (empty caches) for ``batch_size`` sequences; ``max_len``, when known,
-        lets caches allocate once."""
-        return ModelState([b.init_state(batch_size, max_len) for b in self.blocks], batch_size=batch_size)
+        lets caches allocate once.
+
+        ``cache_options`` choose the attention layers' KV cache (``Attention.init_state``):
+        ``cache="dense"`` (default), ``"sinks"`` (``sinks``, ``window``: StreamingLLM, which
+        streams past ``model.max_seq_len`` in constant memory) or ``"window"``.  State-space
+        layers keep a fixed-size state whatever the options, so they do not receive them.
+        """
+        return ModelState(
+            [b.init_state(batch_size, max_len, **(cache_options if isinstance(b.mixer, Attention) else {}))
+             for b in self.blocks],
+            batch_size=batch_size,
+        )
+
+    def position_limit(self, state: ModelState | None = None) -> int | None:
+        """The most tokens a sequence may have, counting those ``state`` has seen:
+        ``model.max_seq_len``, or None (no limit) when every attention layer of ``state``
+        holds a sink or window cache, whose positions stay inside the cache however long
+        the stream (those caches refuse learned, absolute positions)."""
+        caches = [] if state is None else [s for s in state.layers if isinstance(s, (KVCache, SinkKVCache))]
+        if caches and all(isinstance(s, SinkKVCache) for s in caches):
+            return None
+        return self.config.max_seq_len
 
     def fingerprint(self) -> dict:
         """Identifies this model for state files: its config and a digest of its weights
@@ -75,12 +98,13 @@ class LanguageModel(nn.Module):
         """Save a state (caches, recurrent states, pending generation) to a safetensors file."""
         save_state(state, path, self.fingerprint())
 
-    def load_state(self, path) -> ModelState:
+    def load_state(self, path, **cache_options) -> ModelState:
         """A state restored from ``save_state``'s file; refused if saved by a model with
-        another config or other weights."""
-        return load_state(path, self.init_state, self.fingerprint())
+        another config or other weights.  Pass the ``cache_options`` the state was made
+        with (``init_state``), e.g. ``cache="sinks", sinks=4, window=1020``."""
+        return load_state(path, lambda batch_size: self.init_state(batch_size, **cache_options), self.fingerprint())
 
-    def _check_ids(self, ids: torch.Tensor, start: int) -> None:
+    def _check_ids(self, ids: torch.Tensor, start: int, limit: int | None) -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"ids must be an integer tensor (batch, time); got {ids.dtype} {tuple(ids.shape)}")
         if ids.numel():
@@ -91,7 +115,6 @@ class LanguageModel(nn.Module):
                     f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1}); "
                     "was the input encoded with this model's tokenizer?"
                 )
-        limit = self.config.max_seq_len
         if limit is not None and start + ids.shape[1] > limit:
             raise ValueError(
                 f"sequence of {start + ids.shape[1]} tokens exceeds this model's limit of {limit} "
@@ -100,7 +123,7 @@ class LanguageModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
         start = 0 if state is None else state.seq_len
-        self._check_ids(ids, start)
+        self._check_ids(ids, start, self.position_limit(state))
         if state is not None and state.batch_size != ids.shape[0]:
             raise ValueError(f"state was made for batch size {state.batch_size}; ids have {ids.shape[0]}")
         x = self.embed(ids)

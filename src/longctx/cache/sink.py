@@ -1,0 +1,146 @@
+"""Attention-sink key/value cache (StreamingLLM, Xiao et al. 2023, §3.2): the first tokens
+of the stream plus a window of the most recent ones, in constant memory."""
+
+from __future__ import annotations
+
+import torch
+
+
+class SinkKVCache:
+    """Keys and values of the first ``n_sink`` tokens (the attention sinks) and of the last
+    ``window`` tokens, ``(batch, kept, kv_heads, head_dim)`` with ``kept = min(seq_len,
+    n_sink + window)``; ``n_sink = 0`` is plain window attention.
+
+    Keys are stored before RoPE: the layer rotates them at their positions inside the cache
+    (``positions()``, ``0 .. kept - 1``) at every step, as the paper does, because a key's
+    position changes as older tokens are evicted.
+
+    Cache order is sinks first, then the window oldest to newest, and ``update`` returns it
+    as one contiguous slice of storage (no copy).  Storage holds ``2 * (n_sink + window)``
+    positions, allocated on the first update and never grown: evicting the oldest window
+    token slides the few sinks one slot forward over it, and only when the slice reaches
+    the end of storage is the kept part moved back to the front, once every
+    ``n_sink + window`` tokens; eviction is O(n_sink) per token plus an amortised O(1)
+    share of that move, and memory is constant however long the stream.
+    """
+
+    def __init__(self, batch_size: int, n_sink: int = 4, window: int = 1020) -> None:
+        if not isinstance(n_sink, int) or isinstance(n_sink, bool) or n_sink < 0:
+            raise ValueError(f"the number of attention sinks must be an integer >= 0; got {n_sink!r}")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"the cache window must be an integer >= 1; got {window!r}")
+        self.batch_size, self.n_sink, self.window = batch_size, n_sink, window
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._lo = self._end = 0  # the kept tokens are storage[_lo:_end], in cache order
+        self.seq_len = 0  # tokens seen
+
+    @property
+    def capacity(self) -> int:
+        """The most tokens kept: ``n_sink + window``."""
+        return self.n_sink + self.window
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``k``, ``v`` ``(batch, time, kv_heads, head_dim)`` (keys unrotated); return the
+        kept keys and values ``(batch, kept, kv_heads, head_dim)`` in cache order, the new
+        tokens last.  They are views of the storage, valid until the next update.
+
+        Several tokens at once only while they fit without eviction (a prompt shorter than
+        the cache): each query of a longer chunk would need its own window.
+        """
+        self._check(k, v)
+        new = k.shape[1]
+        if new > 1 and self.seq_len + new > self.capacity:
+            room = self.capacity - self.seq_len
+            raise ValueError(
+                f"the prompt ({new} tokens) is longer than the cache window: {max(room, 0)} more tokens fit before "
+                f"eviction starts ({self.n_sink} sinks + window {self.window}, {self.seq_len} tokens seen); feed it "
+                f"in pieces of at most {max(room, 1)} tokens (one at a time once the cache is full), or enlarge "
+                "the window"
+            )
+        if self._k is None:
+            self._k, self._v = self._storage(k), self._storage(v)
+        if self.seq_len + new > self.capacity:
+            self._evict_oldest()
+        self._k[:, self._end : self._end + new] = k
+        self._v[:, self._end : self._end + new] = v
+        self._end += new
+        self.seq_len += new
+        return self._k[:, self._lo : self._end], self._v[:, self._lo : self._end]
+
+    def positions(self, device=None) -> torch.Tensor:
+        """Positions ``(kept,)`` of the kept tokens inside the cache, ``0 .. kept - 1``."""
+        return torch.arange(self._end - self._lo, device=device)
+
+    def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.shape[0] != self.batch_size:
+            raise ValueError(f"cache was made for batch size {self.batch_size}; got {k.shape[0]}")
+        if self._k is not None and (self._k.shape[2:] != k.shape[2:] or self._v.shape[2:] != v.shape[2:]):
+            raise ValueError(
+                f"cache holds keys/values of shape (..., {', '.join(map(str, self._k.shape[2:]))}); "
+                f"got {tuple(k.shape)}"
+            )
+        # Autograd would keep every step's graph (and the storage versions it saw) alive
+        # for the whole stream, so memory would grow after all.
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise ValueError("a sink cache is for inference and does not record gradients; run the model under "
+                             "torch.no_grad() (generate/stream do)")
+
+    def _storage(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(self.batch_size, 2 * self.capacity, *x.shape[2:])
+
+    def _evict_oldest(self) -> None:
+        """Drop the oldest window token (just after the sinks), leaving the kept slice
+        contiguous with room for one token at its end."""
+        n, lo = self.n_sink, self._lo
+        room = self._end < self._k.shape[1]
+        for buf in (self._k, self._v):
+            if room:
+                # Slide the sinks one slot forward, over the evicted token (the ranges
+                # overlap, hence the clone of these few rows).
+                buf[:, lo + 1 : lo + 1 + n] = buf[:, lo : lo + n].clone()
+            else:
+                # End of storage: move sinks and the rest of the window to the front.
+                # lo = capacity here, so source and destination do not overlap.
+                buf[:, :n] = buf[:, lo : lo + n]
+                buf[:, n : self.capacity - 1] = buf[:, lo + n + 1 : self._end]
+        self._lo, self._end = (lo + 1, self._end) if room else (0, self.capacity - 1)
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self._lo = self._end = self.seq_len = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The kept keys (unrotated) and values in cache order, the tokens seen and the
+        policy.  The entries are named unlike ``KVCache``'s so that a dense cache never
+        takes them for keys at positions ``0 .. kept - 1``."""
+        if self._k is None:
+            return {}
+        return {
+            "kept_k": self._k[:, self._lo : self._end].clone(),
+            "kept_v": self._v[:, self._lo : self._end].clone(),
+            "seq_len": torch.tensor(self.seq_len),
+            "policy": torch.tensor([self.n_sink, self.window]),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.reset()
+        if not state:
+            return
+        if "kept_k" not in state:
+            raise ValueError(f"saved layer state (entries {sorted(state)}) is not a sink cache's; load it with "
+                             "the cache options it was made with (e.g. cache='dense')")
+        n_sink, window = (int(x) for x in state["policy"])
+        if (n_sink, window) != (self.n_sink, self.window):
+            raise ValueError(f"saved sink cache keeps {n_sink} sinks + window {window}; this one {self.n_sink} + "
+                             f"{self.window}: load it with the same sinks and window")
+        k, v, seq_len = state["kept_k"], state["kept_v"], int(state["seq_len"])
+        if k.shape[0] != self.batch_size:
+            raise ValueError(f"saved cache has batch size {k.shape[0]}; this one {self.batch_size}")
+        if k.shape[1] != min(seq_len, self.capacity):
+            raise ValueError(f"saved sink cache keeps {k.shape[1]} tokens after {seq_len} seen; it should keep "
+                             f"{min(seq_len, self.capacity)}")
+        self._k, self._v = self._storage(k), self._storage(v)
+        self._k[:, : k.shape[1]] = k
+        self._v[:, : v.shape[1]] = v
+        self._end, self.seq_len = k.shape[1], seq_len
