@@ -48,14 +48,13 @@ from torch.autograd.function import once_differentiable
 
 from longctx.distributed.layout import check_layout, chunk_ids, num_chunks
 from longctx.ops.scan import selective_scan
-from longctx.ops.ssd import ssd
+from longctx.ops.ssd import _NO_LIMIT, _discretize_dt, ssd  # the same dt rule as ssd
 
 __all__ = ["local_chunks", "previous_tokens", "sequence_parallel_scan", "sequence_parallel_ssd"]
 
 # Log-decays are floored here in the SSD correction, as ssd floors its own (exp(-60) ~
 # 1e-26: below fp32 resolution of any non-decayed term, and no subnormal arithmetic).
 _LOG_DECAY_FLOOR = -60.0
-_NO_LIMIT = (0.0, float("inf"))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -210,18 +209,6 @@ def sequence_parallel_scan(
 
 
 # ----------------------------------------------------------------------------- Mamba-2
-
-
-def _discretize_dt(dt, dt_bias, dt_softplus: bool, dt_limit, dtype) -> torch.Tensor:
-    """``dt' = clamp(softplus?(dt + dt_bias), *dt_limit)`` as ``ssd`` documents it (the
-    default limit ``(0, inf)`` means no clamp)."""
-    dt = dt.to(dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    lo, hi = (float(v) for v in dt_limit)
-    return dt if (lo, hi) == _NO_LIMIT else dt.clamp(lo, hi)
 
 
 def sequence_parallel_ssd(
