@@ -3,7 +3,7 @@
 The fast path runs in fp32; the reference gets fp64 copies of the same fp32 inputs, so the
 comparison measures the kernel's own error.  Value ranges follow Mamba's init:
 A = -exp(A_log), A_log = log(1..N); delta = softplus(randn - 4) (dt ~ 0.001..0.1) plus some
-larger steps.  The numba kernels compile once per machine (cached on disk), ~10 s.
+larger steps.  The numba kernels compile once per machine (cached on disk), ~15-20 s.
 """
 
 import importlib

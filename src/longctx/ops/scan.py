@@ -12,23 +12,29 @@ The recurrence, per channel ``c`` and state index ``n``::
 
 Three implementations, chosen inside ``selective_scan`` from the device:
 
-- CPU: a numba kernel (``parallel=True``, ``fastmath=False``, ``cache=True``).  Each work
-  item is one batch row x a block of channels of one group (blocks of up to 512
-  channels, at least two items per thread when the shape allows); its state stays in a
-  small local array for the whole sequence, so the ``(batch, time, channels, state)``
-  tensors of the textbook formulation never exist (the paper's hardware-aware idea).
-  Bias, softplus, D and the z gate are fused in.  numba's libm ``exp`` does not
-  vectorise (no SVML), so exp is an inlined polynomial that LLVM vectorises (16 lanes
-  with AVX-512): the decays use ``exp(dt A) = 2^(dt (A log2 e))`` (degree-6 polynomial,
-  1.4 ulp, results below 2^-126 flushed to 0); softplus, sigmoid and silu use a
-  Cody-Waite exp (1.4 ulp down to subnormals).  Training stores only the inputs and the
-  state every ``_CKPT`` steps; backward recomputes the states of each chunk from its
-  checkpoint (the paper's recomputation trick) and walks it in reverse.  Gradients of B
-  and C, which sum over the channels of a group, go to one partial buffer per worker
-  slot (static item -> slot assignment) summed afterwards: no races, deterministic.
-  That channel sum is the one place with a fast-math flag (reassociation only, so it
-  vectorises); everything else is plain IEEE fp32 with FMA.
-  Kernels compile on the first call (~10 s) and are cached on disk next to this file,
+- CPU: a numba kernel (``parallel=True``, ``fastmath=False``, ``cache=True``).  A work
+  item is one batch row x a block of channels of one group (up to 1024 channels, as wide
+  as still gives every thread an item; threads take them one at a time).  An item walks
+  time in chunks of ``_CKPT`` steps.  Per chunk, the work per (time, channel) (bias,
+  softplus, D, the z gate) runs as long vector loops over the item's channels into small
+  chunk buffers, and the recurrence runs per sub-block of ``_LANES`` = 16 channels (one
+  512-bit vector): the sub-block's state and A (state x 16 each) stay in L1, every inner
+  loop is exactly one vector, and y accumulates in a register across the states.  The
+  ``(batch, time, channels, state)`` tensors of the textbook formulation never exist (the
+  paper's hardware-aware idea).  Two LLVM function attributes make the loops vectorise
+  well: 512-bit vectors (LLVM prefers 256 bits on AVX-512 CPUs) and ``noalias`` on the
+  array arguments (no run-time overlap checks; accumulators stay in registers).  numba's
+  libm ``exp`` does not vectorise (no SVML), so exp is an inlined polynomial that LLVM
+  vectorises: the decays use ``exp(dt A) = 2^(dt (A log2 e))`` (degree-6 polynomial, 1.4
+  ulp, results below 2^-126 flushed to 0, which also keeps slow subnormals out of the
+  recurrence); softplus, sigmoid and silu use a Cody-Waite exp (1.4 ulp down to
+  subnormals).  Training stores only the inputs and the state every ``_CKPT`` steps;
+  backward, per chunk and sub-block, recomputes the states from the chunk's checkpoint
+  (the paper's recomputation trick) and walks them in reverse.  Gradients of B and C sum
+  over the channels of a group: per lane over an item's sub-blocks, then over the 16
+  lanes, into one buffer per item, and the items' buffers are added in item order
+  afterwards: no races, deterministic.  No fast-math anywhere: plain IEEE fp32 with FMA.
+  Kernels compile on the first call (~15 s) and are cached on disk next to this file,
   or, when that directory is read-only, in numba's user cache dir (``NUMBA_CACHE_DIR``
   overrides both; with no writable dir they compile per process, with a warning).
   numba runs ``torch.get_num_threads()`` threads.
@@ -49,10 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# Checkpoint interval of the CPU kernel's backward (steps between stored states), the
-# widest and narrowest channel blocks of its work items, and the torch path's chunk length.
+# The CPU kernel's checkpoint interval (steps between stored states, also its chunk of
+# time), its sub-block of channels (one 512-bit vector of fp32), the widest and narrowest
+# channel blocks of its work items; the torch path's chunk length.
 _CKPT = 16
-_BLOCK = 512
+_LANES = 16
+_BLOCK = 1024
 _MIN_BLOCK = 64
 _CHUNK = 64
 
@@ -278,6 +286,7 @@ if _nb is not None:
     _E3, _E4, _E5 = _f32(4.1665795894e-2), _f32(1.6666665459e-1), _f32(5.0000001201e-1)
     _X_LO, _X_HI = _f32(-104.0), _f32(89.0)  # exp is 0 below and inf above (exactly rounded)
     _MAGIC = _f32(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds to an integer
+    _MAGIC_127 = _f32(12582912.0 + 127.0)  # the same, with the exponent bias in its low bits
     _ZERO, _ONE, _TWO = _f32(0.0), _f32(1.0), _f32(2.0)
     # 2^f on [-1/2, 1/2]: degree-6 interpolant at Chebyshev nodes, max relative error 1.4 ulp.
     _Q = (_f32(1.0), _f32(0.6931471824645996), _f32(0.24022650718688965), _f32(0.05550327152013779),
@@ -309,6 +318,50 @@ if _nb is not None:
 
         return sig, codegen
 
+    @_intrinsic
+    def _f32_to_bits(typingctx, x):
+        """Reinterpret float32 as int32 bits."""
+        sig = _nbtypes.int32(_nbtypes.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _ir.IntType(32))
+
+        return sig, codegen
+
+    @_intrinsic
+    def _wide_vectors(typingctx):
+        """Let LLVM vectorise the calling function's loops with 512-bit registers.
+
+        On AVX-512 CPUs LLVM's x86 tuning prefers 256-bit vectors (prefer-256-bit, against
+        the clock drop of older parts), so numba's loops get 8 lanes; the function attribute
+        ``"prefer-vector-width"="512"`` lifts that for this function only (16 lanes: the
+        recurrence runs ~1.3x faster).  Without AVX-512 it changes nothing.  llvmlite's
+        attribute set only takes names it knows, hence ``set.add`` (emitted as is)."""
+        sig = _nbtypes.none()
+
+        def codegen(context, builder, signature, args):
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @_intrinsic
+    def _no_overlap(typingctx):
+        """Promise LLVM that the calling function's float32 arrays do not overlap (``noalias``
+        on their data pointers), which every caller guarantees: distinct arrays, or disjoint
+        rows of one.  Without it the vectoriser must check every pair of arrays at run time
+        before each inner loop (too many pairs: it gives up) and cannot keep an accumulator
+        such as y in a register across the loop over states."""
+        sig = _nbtypes.none()
+
+        def codegen(context, builder, signature, args):
+            for arg in builder.function.args:
+                if isinstance(arg.type, _ir.PointerType) and arg.type.pointee == _ir.FloatType():
+                    arg.add_attribute("noalias")
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     def _jit(**options):
         """numba.njit with the on-disk cache; if numba finds no writable cache directory
         (package read-only and no user cache dir), compile in memory and say so once."""
@@ -320,7 +373,7 @@ if _nb is not None:
                 if not _NO_CACHE_WARNED:
                     _NO_CACHE_WARNED.append(True)
                     warnings.warn(f"longctx.ops.scan: {exc}; numba kernels will compile in every process "
-                                  "(~10 s). Set NUMBA_CACHE_DIR to a writable directory.", stacklevel=2)
+                                  "(~15 s). Set NUMBA_CACHE_DIR to a writable directory.", stacklevel=2)
                 return _nb.njit(cache=False, **options)(fn)
 
         return decorate
@@ -354,31 +407,33 @@ if _nb is not None:
 
     @_jit(inline="always", **_JIT)
     def _exp2(y):
-        """float32 2^y for the decays (the hot loop): 12 vector operations.
+        """float32 2^y for the decays (the hot loop): 11 vector operations after the clamp.
 
         Max relative error 1.4 ulp; results below 2^-126 flush to 0 and above 2^127.5 are
         inf.  The decays use exp(dt A) = 2^(dt (A log2 e)): the extra rounding of
-        A log2 e is of the same order as that of the fp32 product dt A itself."""
-        yc = _Y_LO if y < _Y_LO else y  # k = -127 gives the scale 0: a flush to zero
-        yc = _Y_HI if yc > _Y_HI else yc  # k = 128 gives the scale inf
-        k = _np.rint(yc)
-        f = yc - k  # exact
+        A log2 e is of the same order as that of the fp32 product dt A itself.
+        Adding _MAGIC_127 rounds y to the integer k and leaves k + 127 in the low bits of
+        the sum, so one shift makes the scale 2^k (k = -127 gives 0, k = 128 inf)."""
+        yc = _Y_LO if y < _Y_LO else y  # comparisons written so that NaN passes through
+        yc = _Y_HI if yc > _Y_HI else yc
+        kb = yc + _MAGIC_127
+        f = yc - (kb - _MAGIC_127)  # exact, in [-1/2, 1/2]
         p = _fma(_Q[6], f, _Q[5])
         p = _fma(p, f, _Q[4])
         p = _fma(p, f, _Q[3])
         p = _fma(p, f, _Q[2])
         p = _fma(p, f, _Q[1])
         p = _fma(p, f, _Q[0])
-        return p * _bits_to_f32((_np.int32(k) + _I127) << _I23)
+        return p * _bits_to_f32(_f32_to_bits(kb) << _I23)
 
     @_jit(inline="always", **_JIT)
     def _sigmoid(x):
         return _ONE / (_ONE + _exp(-x))
 
     @_jit(inline="always", **_JIT)
-    def _softplus(x):
-        """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), log1p by the atanh series (~2 ulp)."""
-        e = _exp(-abs(x))
+    def _log1p_unit(e):
+        """log(1 + e) for e in [0, 1] by the atanh series: s = e / (2 + e) in [0, 1/3],
+        log1p(e) = 2 s sum_k s^2k / (2k+1) (~2 ulp)."""
         s = e / (_TWO + e)
         s2 = s * s
         p = _fma(_L[7], s2, _L[6])
@@ -388,79 +443,137 @@ if _nb is not None:
         p = _fma(p, s2, _L[2])
         p = _fma(p, s2, _L[1])
         p = _fma(p, s2, _L[0])
-        return max(x, _ZERO) + _TWO * s * p
+        return _TWO * s * p
+
+    @_jit(inline="always", **_JIT)
+    def _softplus(x):
+        """log(1 + e^x) = max(x, 0) + log1p(e^-|x|)."""
+        return max(x, _ZERO) + _log1p_unit(_exp(-abs(x)))
+
+    @_jit(inline="always", **_JIT)
+    def _softplus_sigmoid(x):
+        """softplus(x) and its derivative sigmoid(x), sharing e = e^-|x|:
+        sigmoid = 1 / (1 + e) for x >= 0, e / (1 + e) below."""
+        e = _exp(-abs(x))
+        return max(x, _ZERO) + _log1p_unit(e), (_ONE if x >= _ZERO else e) / (_ONE + e)
+
+    # A work item is one batch row b x channels c0:c0+w of group g.  Time goes in chunks of
+    # K steps (the checkpoint interval).  Per chunk, the work per (time, channel) (softplus,
+    # gates, ...) runs as long vector loops over the item's channels into chunk buffers
+    # (K, wp); the recurrence runs per sub-block of _LANES channels (one 512-bit vector),
+    # with state arrays laid out (sub-block, state, lane).  wp = w rounded up to whole
+    # sub-blocks; the padding lanes hold zeros throughout (dt = 0, u = 0, state 0, A = 0),
+    # so for finite inputs they add exact zeros to the lane sums of dB and dC.
 
     @_jit(**_JIT)
-    def _prepare_step(dr, ur, bias, Dv, softplus, w, dv, du, yv, sg):
-        """One time step of a block: dv = delta', du = delta' u, yv = D u; with softplus and
-        a non-empty sg also sg = d delta' / d delta = sigmoid(delta + bias)."""
-        if softplus:
-            for c in range(w):
-                dv[c] = _softplus(dr[c] + bias[c])
-            if sg.shape[0]:
+    def _steps_in(dl, u, D, bias, softplus, b, t0, L, c0, w, dts, dus, ys, sgs):
+        """Chunk steps t0:t0+L: dts = delta', dus = delta' u, ys = D u (where y accumulates);
+        with softplus and a non-empty sgs also sgs = d delta' / d delta = sigmoid(delta + bias)."""
+        _wide_vectors()
+        _no_overlap()
+        for j in range(L):
+            dr, ur = dl[b, t0 + j, c0:c0 + w], u[b, t0 + j, c0:c0 + w]
+            dv, xv, yv = dts[j], dus[j], ys[j]
+            if softplus and sgs.shape[0]:
+                sg = sgs[j]
                 for c in range(w):
-                    sg[c] = _sigmoid(dr[c] + bias[c])
-        else:
+                    dv[c], sg[c] = _softplus_sigmoid(dr[c] + bias[c])
+            elif softplus:
+                for c in range(w):
+                    dv[c] = _softplus(dr[c] + bias[c])
+            else:
+                for c in range(w):
+                    dv[c] = dr[c] + bias[c]
             for c in range(w):
-                dv[c] = dr[c] + bias[c]
-        for c in range(w):
-            du[c] = dv[c] * ur[c]
-            yv[c] = Dv[c] * ur[c]
+                xv[c] = dv[c] * ur[c]
+                yv[c] = D[c] * ur[c]
 
     @_jit(**_JIT)
-    def _load_block(A, D, bias, c0, w):
-        N = A.shape[1]
-        At = _np.empty((N, w), _np.float32)
-        A2 = _np.empty((N, w), _np.float32)
-        for n in range(N):
-            for c in range(w):
-                At[n, c] = A[c0 + c, n]
-                A2[n, c] = A[c0 + c, n] * _LOG2E
-        return At, A2, D[c0:c0 + w], bias[c0:c0 + w]
-
-    @_jit(**_JIT)
-    def _fwd_item(u, dl, A, Bm, Cm, D, z, bias, h0, y, hT, ck, b, g, c0, w, K, has_z, softplus, has_h0, save_ck):
-        """Forward over all time steps of one (batch row b, channels c0:c0+w of group g)."""
-        T = u.shape[1]
-        N = A.shape[1]
-        At, A2, Dv, bv = _load_block(A, D, bias, c0, w)
-        h = _np.zeros((N, w), _np.float32)
-        if has_h0:
+    def _scan_block(A2, h, Bm, Cm, b, g, t0, L, s, dts, dus, ys):
+        """The recurrence over chunk steps t0:t0+L for sub-block s: updates its state h
+        (state, lane) in place and accumulates sum_n C h into ys (step, sub-block, lane).
+        A2 = A log2 e (state, lane).  Inner loops of exactly _LANES: one vector each, with
+        y kept in a register across the states."""
+        _wide_vectors()
+        _no_overlap()
+        N = A2.shape[0]
+        for j in range(L):
+            br, cr = Bm[b, t0 + j, g], Cm[b, t0 + j, g]
+            dv, xv, yv = dts[j, s], dus[j, s], ys[j, s]
             for n in range(N):
-                for c in range(w):
-                    h[n, c] = h0[b, c0 + c, n]
-        dv = _np.empty(w, _np.float32)
-        du = _np.empty(w, _np.float32)
-        yv = _np.empty(w, _np.float32)
-        no_sg = _np.empty(0, _np.float32)
-        for t in range(T):
-            if save_ck and t % K == 0:
-                ckr = ck[b, t // K]
-                for n in range(N):
-                    ckn = ckr[n, c0:c0 + w]
-                    hn = h[n]
-                    for c in range(w):
-                        ckn[c] = hn[c]
-            _prepare_step(dl[b, t, c0:c0 + w], u[b, t, c0:c0 + w], bv, Dv, softplus, w, dv, du, yv, no_sg)
-            br, cr = Bm[b, t, g], Cm[b, t, g]
-            for n in range(N):
-                bn, cn = br[n], cr[n]
-                hn, an = h[n], A2[n]
-                for c in range(w):
-                    hv = _fma(_exp2(dv[c] * an[c]), hn[c], du[c] * bn)
+                bn, cn, hn, an = br[n], cr[n], h[n], A2[n]
+                for c in range(_LANES):
+                    hv = _fma(_exp2(dv[c] * an[c]), hn[c], xv[c] * bn)
                     hn[c] = hv
                     yv[c] = _fma(cn, hv, yv[c])
-            yr = y[b, t, c0:c0 + w]
+
+    @_jit(**_JIT)
+    def _steps_out(z, has_z, b, t0, L, c0, w, ys, y):
+        """y = ys (= D u + C h) gated by silu(z), for chunk steps t0:t0+L."""
+        _wide_vectors()
+        _no_overlap()
+        for j in range(L):
+            yr, yv = y[b, t0 + j, c0:c0 + w], ys[j]
             if has_z:
-                zr = z[b, t, c0:c0 + w]
+                zr = z[b, t0 + j, c0:c0 + w]
                 for c in range(w):
                     yr[c] = yv[c] * (zr[c] * _sigmoid(zr[c]))
             else:
                 for c in range(w):
                     yr[c] = yv[c]
-        for n in range(N):
-            for c in range(w):
-                hT[b, c0 + c, n] = h[n, c]
+
+    @_jit(**_JIT)
+    def _block_constants(A, c0, w, nsub):
+        """A and A log2 e of the item as (sub-block, state, lane), zero padded."""
+        N = A.shape[1]
+        At = _np.zeros((nsub, N, _LANES), _np.float32)
+        A2 = _np.zeros((nsub, N, _LANES), _np.float32)
+        for c in range(w):
+            for n in range(N):
+                At[c // _LANES, n, c % _LANES] = A[c0 + c, n]
+                A2[c // _LANES, n, c % _LANES] = A[c0 + c, n] * _LOG2E
+        return At, A2
+
+    @_jit(**_JIT)
+    def _state_in(x, c0, w, h):
+        """h (sub-block, state, lane) = x (channel, state) rows c0:c0+w."""
+        for c in range(w):
+            for n in range(x.shape[1]):
+                h[c // _LANES, n, c % _LANES] = x[c0 + c, n]
+
+    @_jit(**_JIT)
+    def _state_out(h, c0, w, x):
+        """x (channel, state) rows c0:c0+w = h (sub-block, state, lane)."""
+        for c in range(w):
+            for n in range(x.shape[1]):
+                x[c0 + c, n] = h[c // _LANES, n, c % _LANES]
+
+    @_jit(**_JIT)
+    def _fwd_item(u, dl, A, Bm, Cm, D, z, bias, h0, y, hT, ck, b, g, c0, w, K, has_z, softplus, has_h0, save_ck):
+        """Forward over all time steps of one work item; the state before every K-th step
+        goes to ck when save_ck."""
+        T = u.shape[1]
+        N = A.shape[1]
+        nsub = (w + _LANES - 1) // _LANES
+        _, A2 = _block_constants(A, c0, w, nsub)
+        h = _np.zeros((nsub, N, _LANES), _np.float32)
+        if has_h0:
+            _state_in(h0[b], c0, w, h)
+        bufs = _np.zeros((3, K, nsub * _LANES), _np.float32)  # zeros: the padding lanes stay 0
+        dts, dus, ys = bufs[0], bufs[1], bufs[2]
+        bufs3 = bufs.reshape((3, K, nsub, _LANES))  # the same, by sub-block
+        dts3, dus3, ys3 = bufs3[0], bufs3[1], bufs3[2]
+        no_sg = _np.empty((0, 0), _np.float32)
+        for k in range((T + K - 1) // K):
+            t0 = k * K
+            L = min(K, T - t0)
+            if save_ck:
+                _state_out(h, c0, w, ck[b, k].T)
+            _steps_in(dl, u, D[c0:c0 + w], bias[c0:c0 + w], softplus, b, t0, L, c0, w, dts, dus, ys, no_sg)
+            for s in range(nsub):
+                _scan_block(A2[s], h[s], Bm, Cm, b, g, t0, L, s, dts3, dus3, ys3)
+            _steps_out(z, has_z, b, t0, L, c0, w, ys, y)
+        _state_out(h, c0, w, hT[b])
 
     @_jit(parallel=True, **_JIT)
     def _fwd_kernel(u, dl, A, Bm, Cm, D, z, bias, h0, y, hT, ck, items, K, has_z, softplus, has_h0, save_ck):
@@ -468,134 +581,180 @@ if _nb is not None:
             _fwd_item(u, dl, A, Bm, Cm, D, z, bias, h0, y, hT, ck, items[i, 0], items[i, 1], items[i, 2],
                       items[i, 3], K, has_z, softplus, has_h0, save_ck)
 
-    @_jit(fastmath={"reassoc"}, error_model="numpy")
-    def _dot_rows(X, v, w, out):
-        """out[n] += sum_c X[n, c] v[c].  The one function compiled with a fast-math flag:
-        only reassociation, so that LLVM vectorises the sum (5x); products and sums stay
-        IEEE fp32, added in a different (fixed) order."""
-        for n in range(X.shape[0]):
-            row = X[n]
-            s = _ZERO
+    @_jit(**_JIT)
+    def _grads_in(dy, u, z, D, has_z, b, t0, L, c0, w, gys, sig_z, gus, gqs, gss, dDa):
+        """Chunk steps t0:t0+L: gys = dL/d(D u + C h) = dy silu(z) (dy without z), sig_z =
+        sigmoid(z) (for dz), gus = gys D (D's part of du), gqs = gss = 0; dDa += gys u."""
+        _wide_vectors()
+        _no_overlap()
+        for j in range(L):
+            dyr, ur = dy[b, t0 + j, c0:c0 + w], u[b, t0 + j, c0:c0 + w]
+            gy, gu, gq, gs = gys[j], gus[j], gqs[j], gss[j]
+            if has_z:
+                zr, sz = z[b, t0 + j, c0:c0 + w], sig_z[j]
+                for c in range(w):
+                    sz[c] = _sigmoid(zr[c])
+                    gy[c] = dyr[c] * (zr[c] * sz[c])
+            else:
+                for c in range(w):
+                    gy[c] = dyr[c]
             for c in range(w):
-                s += row[c] * v[c]
-            out[n] += s
+                dDa[c] = _fma(gy[c], ur[c], dDa[c])
+                gu[c] = gy[c] * D[c]
+                gq[c] = _ZERO
+                gs[c] = _ZERO
+
+    @_jit(inline="always", **_JIT)
+    def _rescan_step(A2, br, cr, dv, xv, gy, yv, hp, hn, dec, pC):
+        """One step of _rescan_block: hn = state after it from hp before it, dec = its decays
+        (state, lane); yv += sum_n C h; pC (state, lane) += gy h, dC's partial sums."""
+        for n in range(A2.shape[0]):
+            bn, cn, hpn, hnn, an, decn, pCn = br[n], cr[n], hp[n], hn[n], A2[n], dec[n], pC[n]
+            for c in range(_LANES):
+                e = _exp2(dv[c] * an[c])
+                decn[c] = e
+                hv = _fma(e, hpn[c], xv[c] * bn)
+                hnn[c] = hv
+                yv[c] = _fma(cn, hv, yv[c])
+                pCn[c] = _fma(gy[c], hv, pCn[c])
+
+    @_jit(**_JIT)
+    def _rescan_block(A2, h0, Bm, Cm, b, g, t0, L, s, dts, dus, gys, ys, hs, decs, accC):
+        """_scan_block again from the chunk's first state h0, keeping what backward needs:
+        hs[j] = state before step t0 + j (j <= L), decs[j] = decay of step t0 + j, both
+        (state, lane); ys accumulates sum_n C h (y before the gate) and accC (step, state,
+        lane) the lane partial sums of dC = sum gy h (per lane, over sub-blocks)."""
+        _wide_vectors()
+        _no_overlap()
+        N = A2.shape[0]
+        for n in range(N):
+            for c in range(_LANES):
+                hs[0, n, c] = h0[n, c]
+        for j in range(L):
+            _rescan_step(A2, Bm[b, t0 + j, g], Cm[b, t0 + j, g], dts[j, s], dus[j, s], gys[j, s], ys[j, s], hs[j],
+                         hs[j + 1], decs[j], accC[j])
+
+    @_jit(inline="always", **_JIT)
+    def _reverse_step(At, dh, dA, br, cr, dv, xv, gy, gq, gs, hp, dec, pB):
+        """One step of _reverse_block (see there); hp, dec, pB: (state, lane) of the step."""
+        for n in range(At.shape[0]):
+            bn, cn, hpn, decn, an, dhn, dAn, pBn = br[n], cr[n], hp[n], dec[n], At[n], dh[n], dA[n], pB[n]
+            for c in range(_LANES):
+                g_ = _fma(cn, gy[c], dhn[c])
+                gdh = g_ * (decn[c] * hpn[c])
+                gq[c] = _fma(gdh, an[c], gq[c])
+                gs[c] = _fma(g_, bn, gs[c])
+                dAn[c] = _fma(gdh, dv[c], dAn[c])
+                dhn[c] = g_ * decn[c]
+                pBn[c] = _fma(g_, xv[c], pBn[c])
+
+    @_jit(**_JIT)
+    def _reverse_block(At, dh, dA, Bm, Cm, b, g, t0, L, s, dts, dus, gys, hs, decs, gqs, gss, accB):
+        """Walk chunk steps t0+L-1 .. t0 backwards for sub-block s.
+
+        h_t = dec h_{t-1} + dt B u, y_t += C h_t:  with g = dL/dh_t (this step's part
+        C gy plus the part from step t+1 in dh),
+          dL/dh_{t-1} = g dec,  dL/dA += g dec h_{t-1} dt,  dL/dB += g dt u,
+          dL/d dt += sum_n g dec h_{t-1} A + u sum_n g B,  dL/du += dt sum_n g B
+        (dL/dC = gy h_t is summed in _rescan_block).  Per step, gqs gets sum_n g dec h_{t-1} A
+        and gss sum_n g B (step, sub-block, lane; _grads_out combines them); dh, dA, At:
+        (state, lane) of this sub-block; accB (step, state, lane): dB's lane partial sums."""
+        _wide_vectors()
+        _no_overlap()
+        for j in range(L - 1, -1, -1):
+            _reverse_step(At, dh, dA, Bm[b, t0 + j, g], Cm[b, t0 + j, g], dts[j, s], dus[j, s], gys[j, s], gqs[j, s],
+                          gss[j, s], hs[j], decs[j], accB[j])
+
+    @_jit(**_JIT)
+    def _lane_sums(acc, L, out, t0):
+        """out[t0 + j, n] = sum of the lanes of acc[j, n] (in lane order)."""
+        for j in range(L):
+            o = out[t0 + j]
+            for n in range(acc.shape[1]):
+                a = acc[j, n]
+                sm = _ZERO
+                for c in range(_LANES):
+                    sm += a[c]
+                o[n] = sm
+
+    @_jit(**_JIT)
+    def _grads_out(dy, u, z, has_z, softplus, b, t0, L, c0, w, ys, sig_z, sgs, dts, gus, gqs, gss, du, ddl, dz, dba):
+        """Chunk steps t0:t0+L: write du = gus + dt gss, ddelta = gqs + u gss (through
+        softplus: times sgs) and dz (from y before the gate, ys, and sig_z); dba += ddelta."""
+        _wide_vectors()
+        _no_overlap()
+        if has_z:
+            for j in range(L):
+                dyr, zr, dzr, yv, sz = dy[b, t0 + j, c0:c0 + w], z[b, t0 + j, c0:c0 + w], dz[b, t0 + j, c0:c0 + w], \
+                    ys[j], sig_z[j]
+                for c in range(w):
+                    dzr[c] = dyr[c] * yv[c] * (sz[c] * (_ONE + zr[c] * (_ONE - sz[c])))
+        for j in range(L):
+            ur, dur, ddr = u[b, t0 + j, c0:c0 + w], du[b, t0 + j, c0:c0 + w], ddl[b, t0 + j, c0:c0 + w]
+            dv, gu, gq, gs = dts[j], gus[j], gqs[j], gss[j]
+            for c in range(w):
+                gq[c] = _fma(ur[c], gs[c], gq[c])
+            if softplus:
+                sg = sgs[j]
+                for c in range(w):
+                    gq[c] = gq[c] * sg[c]
+            for c in range(w):
+                dur[c] = _fma(dv[c], gs[c], gu[c])
+                ddr[c] = gq[c]
+                dba[c] += gq[c]
 
     @_jit(**_JIT)
     def _bwd_item(u, dl, A, Bm, Cm, D, z, bias, ck, dy, dhT, du, ddl, dz, dA, dD, dbias, dB, dC, dh0,
                   b, g, c0, w, K, has_z, softplus):
-        """Backward of one work item.  Per chunk of K steps (last chunk first): recompute the
-        states from the chunk's checkpoint into hs, then walk the chunk in reverse.
-        dA, dD, dbias, dh0 are this item's own slices; dB, dC this slot's partial buffer."""
+        """Backward of one work item, chunk by chunk from the last: per sub-block, recompute
+        the chunk's states from its checkpoint, then walk them in reverse.  dA, dD, dbias,
+        dh0 are this item's own slices; dB, dC (time, state) its own sums over its channels."""
         T = u.shape[1]
         N = A.shape[1]
-        At, A2, Dv, bv = _load_block(A, D, bias, c0, w)
-        dh = _np.empty((N, w), _np.float32)  # gradient of the state after the current step
-        for n in range(N):
-            for c in range(w):
-                dh[n, c] = dhT[b, c0 + c, n]
-        dAa = _np.zeros((N, w), _np.float32)
-        hs = _np.empty((K + 1, N, w), _np.float32)  # hs[j] = state before step t0 + j
-        decs = _np.empty((K, N, w), _np.float32)
-        dts = _np.empty((K, w), _np.float32)
-        dus = _np.empty((K, w), _np.float32)
-        sgs = _np.empty((K, w), _np.float32)
-        ypre = _np.empty((K, w), _np.float32)
-        gh = _np.empty((N, w), _np.float32)
-        gy = _np.empty(w, _np.float32)
-        gu = _np.empty(w, _np.float32)
-        gdt = _np.empty(w, _np.float32)
+        nsub = (w + _LANES - 1) // _LANES
+        At, A2 = _block_constants(A, c0, w, nsub)
+        dh = _np.zeros((nsub, N, _LANES), _np.float32)  # gradient of the state after the current step
+        _state_in(dhT[b], c0, w, dh)
+        dAa = _np.zeros((nsub, N, _LANES), _np.float32)
+        h0 = _np.zeros((nsub, N, _LANES), _np.float32)
         dDa = _np.zeros(w, _np.float32)
         dba = _np.zeros(w, _np.float32)
-        nck = (T + K - 1) // K
-        for k in range(nck - 1, -1, -1):
+        bufs = _np.zeros((9, K, nsub * _LANES), _np.float32)  # zeros: the padding lanes stay 0
+        dts, dus, ys, sgs, gys, sig_z, gus, gqs, gss = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], bufs[5], bufs[6], \
+            bufs[7], bufs[8]
+        bufs3 = bufs.reshape((9, K, nsub, _LANES))  # the same, by sub-block
+        dts3, dus3, ys3, gys3, gqs3, gss3 = bufs3[0], bufs3[1], bufs3[2], bufs3[4], bufs3[7], bufs3[8]
+        hs = _np.zeros((K + 1, N, _LANES), _np.float32)
+        decs = _np.empty((K, N, _LANES), _np.float32)
+        accB = _np.empty((K, N, _LANES), _np.float32)
+        accC = _np.empty((K, N, _LANES), _np.float32)
+        Dv, bv = D[c0:c0 + w], bias[c0:c0 + w]
+        for k in range((T + K - 1) // K - 1, -1, -1):
             t0 = k * K
             L = min(K, T - t0)
-            ckr = ck[b, k]
-            for n in range(N):
-                ckn = ckr[n, c0:c0 + w]
-                hn = hs[0, n]
-                for c in range(w):
-                    hn[c] = ckn[c]
-            for j in range(L):
-                t = t0 + j
-                dv, duj, yv = dts[j], dus[j], ypre[j]
-                _prepare_step(dl[b, t, c0:c0 + w], u[b, t, c0:c0 + w], bv, Dv, softplus, w, dv, duj, yv, sgs[j])
-                br, cr = Bm[b, t, g], Cm[b, t, g]
-                for n in range(N):
-                    bn, cn = br[n], cr[n]
-                    hp, hn, an, dec = hs[j, n], hs[j + 1, n], A2[n], decs[j, n]
-                    for c in range(w):
-                        e = _exp2(dv[c] * an[c])
-                        dec[c] = e
-                        hv = _fma(e, hp[c], duj[c] * bn)
-                        hn[c] = hv
-                        yv[c] = _fma(cn, hv, yv[c])
-            for j in range(L - 1, -1, -1):
-                t = t0 + j
-                ur = u[b, t, c0:c0 + w]
-                dyr = dy[b, t, c0:c0 + w]
-                dv, duj = dts[j], dus[j]
-                if has_z:
-                    zr = z[b, t, c0:c0 + w]
-                    dzr = dz[b, t, c0:c0 + w]
-                    yv = ypre[j]
-                    for c in range(w):
-                        zc = zr[c]
-                        s = _sigmoid(zc)
-                        dzr[c] = dyr[c] * yv[c] * (s * (_ONE + zc * (_ONE - s)))
-                        gy[c] = dyr[c] * (zc * s)
-                else:
-                    for c in range(w):
-                        gy[c] = dyr[c]
-                for c in range(w):
-                    dDa[c] = _fma(gy[c], ur[c], dDa[c])
-                    gu[c] = gy[c] * Dv[c]
-                    gdt[c] = _ZERO
-                br, cr = Bm[b, t, g], Cm[b, t, g]
-                # h_t = dec h_{t-1} + dt B u, y_t += C h_t:  with g = dL/dh_t (this step's part
-                # C gy plus the part from step t+1 in dh),
-                #   dL/d dt += g (dec h_{t-1} A + B u),  dL/dA += g dec h_{t-1} dt,
-                #   dL/du += g dt B,  dL/dB += g dt u,  dL/dC += gy h_t,  dL/dh_{t-1} = g dec.
-                for n in range(N):
-                    bn, cn = br[n], cr[n]
-                    hp, an, dec = hs[j, n], At[n], decs[j, n]
-                    dhn, dAn, ghn = dh[n], dAa[n], gh[n]
-                    for c in range(w):
-                        g_ = _fma(cn, gy[c], dhn[c])
-                        ghn[c] = g_
-                        dhp = dec[c] * hp[c]
-                        gdt[c] = _fma(g_, _fma(dhp, an[c], bn * ur[c]), gdt[c])
-                        gd = g_ * dv[c]
-                        dAn[c] = _fma(gd, dhp, dAn[c])
-                        gu[c] = _fma(gd, bn, gu[c])
-                        dhn[c] = g_ * dec[c]
-                _dot_rows(gh, duj, w, dB[b, t, g])
-                _dot_rows(hs[j + 1], gy, w, dC[b, t, g])
-                dur, ddr = du[b, t, c0:c0 + w], ddl[b, t, c0:c0 + w]
-                if softplus:
-                    sg = sgs[j]
-                    for c in range(w):
-                        gdt[c] = gdt[c] * sg[c]
-                for c in range(w):
-                    dur[c] = gu[c]
-                    ddr[c] = gdt[c]
-                    dba[c] += gdt[c]
-        for n in range(N):
-            for c in range(w):
-                dh0[b, c0 + c, n] = dh[n, c]
-                dA[b, c0 + c, n] = dAa[n, c]
-        for c in range(w):
-            dD[b, c0 + c] = dDa[c]
-            dbias[b, c0 + c] = dba[c]
+            _state_in(ck[b, k].T, c0, w, h0)
+            _steps_in(dl, u, Dv, bv, softplus, b, t0, L, c0, w, dts, dus, ys, sgs)
+            _grads_in(dy, u, z, Dv, has_z, b, t0, L, c0, w, gys, sig_z, gus, gqs, gss, dDa)
+            accB[:] = _ZERO
+            accC[:] = _ZERO
+            for s in range(nsub):
+                _rescan_block(A2[s], h0[s], Bm, Cm, b, g, t0, L, s, dts3, dus3, gys3, ys3, hs, decs, accC)
+                _reverse_block(At[s], dh[s], dAa[s], Bm, Cm, b, g, t0, L, s, dts3, dus3, gys3, hs, decs, gqs3, gss3,
+                               accB)
+            _grads_out(dy, u, z, has_z, softplus, b, t0, L, c0, w, ys, sig_z, sgs, dts, gus, gqs, gss, du, ddl, dz, dba)
+            _lane_sums(accB, L, dB, t0)
+            _lane_sums(accC, L, dC, t0)
+        _state_out(dh, c0, w, dh0[b])
+        _state_out(dAa, c0, w, dA[b])
+        dD[b, c0:c0 + w] = dDa
+        dbias[b, c0:c0 + w] = dba
 
     @_jit(parallel=True, **_JIT)
     def _bwd_kernel(u, dl, A, Bm, Cm, D, z, bias, ck, dy, dhT, du, ddl, dz, dA, dD, dbias, dB, dC, dh0,
                     items, K, has_z, softplus):
-        slots = dB.shape[0]
-        for s in _nb.prange(slots):
-            for i in range(s, items.shape[0], slots):
-                _bwd_item(u, dl, A, Bm, Cm, D, z, bias, ck, dy, dhT, du, ddl, dz, dA, dD, dbias, dB[s], dC[s], dh0,
-                          items[i, 0], items[i, 1], items[i, 2], items[i, 3], K, has_z, softplus)
+        for i in _nb.prange(items.shape[0]):
+            _bwd_item(u, dl, A, Bm, Cm, D, z, bias, ck, dy, dhT, du, ddl, dz, dA, dD, dbias, dB[i], dC[i], dh0,
+                      items[i, 0], items[i, 1], items[i, 2], items[i, 3], K, has_z, softplus)
 
 
 def _require_numba() -> None:
@@ -610,16 +769,29 @@ def _require_numba() -> None:
 def _items(batch: int, channels: int, groups: int, threads: int):
     """Work items ``(b, g, c0, width)``: blocks of channels inside one group.
 
-    Wide blocks run faster (longer vector loops, ~1.5x from 128 to 384 channels) but
-    there must be enough items for the threads: at least two per thread when the
-    channels allow, widths a multiple of 16 and at most ``_BLOCK``."""
+    Wide blocks run faster (a time step's rows stream better from memory and the work per
+    row is amortised: at 1536 channels and 2 threads, two items of 768 channels take
+    ~0.8x the time of four of 384), so: as few blocks per group as give every thread an
+    item, each at most ``_BLOCK`` channels (a multiple of that count otherwise, to keep
+    the items even), widths a multiple of ``_LANES`` and at least ``_MIN_BLOCK``."""
     per = channels // groups
-    blocks = max(1, -(-2 * threads // (batch * groups)))
-    width = min(_BLOCK, max(_MIN_BLOCK, -(-per // blocks)))
-    width = min(per, -(-width // 16) * 16)
+    base = max(1, -(-threads // (batch * groups)))
+    blocks = base * -(-per // (base * _BLOCK))
+    width = max(_MIN_BLOCK, -(-per // blocks))
+    width = min(per, -(-width // _LANES) * _LANES)
     rows = [(b, g, c0, min(width, g * per + per - c0))
             for b in range(batch) for g in range(groups) for c0 in range(g * per, (g + 1) * per, width)]
     return _np.asarray(rows, dtype=_np.int64).reshape(-1, 4)
+
+
+def _item_sum(x: torch.Tensor, batch: int, groups: int) -> torch.Tensor:
+    """Per-item sums ``(items, time, state)`` -> ``(batch, time, groups, state)``: the items
+    of each (batch row, group) added in item order (deterministic whatever thread ran them)."""
+    parts = x.view(batch, groups, x.shape[0] // (batch * groups), *x.shape[1:])
+    total = parts[:, :, 0].clone()
+    for i in range(1, parts.shape[2]):
+        total += parts[:, :, i]
+    return total.transpose(1, 2)
 
 
 def _np32(x: torch.Tensor | None, ndim: int):
@@ -635,14 +807,17 @@ def _vec(x: torch.Tensor | None, channels: int):
 
 
 class _Threads:
-    """Run numba with torch's thread count (capped at numba's pool size)."""
+    """Run numba with torch's thread count (capped at numba's pool size), handing out the
+    work items one at a time (a thread slowed by other load takes fewer of them)."""
 
     def __enter__(self):
         self.old = _nb.get_num_threads()
         _nb.set_num_threads(max(1, min(torch.get_num_threads(), _nb.config.NUMBA_NUM_THREADS)))
+        self.old_chunk = _nb.set_parallel_chunksize(1)
         return _nb.get_num_threads()
 
     def __exit__(self, *exc):
+        _nb.set_parallel_chunksize(self.old_chunk)
         _nb.set_num_threads(self.old)
 
 
@@ -684,13 +859,12 @@ class _NumbaScan(torch.autograd.Function):
         dhT = torch.zeros(batch, channels, n, dtype=f32) if dhT is None else dhT
         with _Threads() as threads:
             items = _items(batch, channels, groups, threads)
-            slots = max(1, min(threads, items.shape[0]))
             du, ddelta = torch.empty(u.shape, dtype=f32), torch.empty(u.shape, dtype=f32)
             dz = torch.empty(u.shape if z is not None else (0, 0, 0), dtype=f32)
             dA = torch.empty(batch, channels, n, dtype=f32)
             dD, dbias = torch.empty(batch, channels, dtype=f32), torch.empty(batch, channels, dtype=f32)
-            dB = torch.zeros(slots, batch, time, groups, n, dtype=f32)
-            dC = torch.zeros(slots, batch, time, groups, n, dtype=f32)
+            dB = torch.empty(items.shape[0], time, n, dtype=f32)  # per item: summed over its channels
+            dC = torch.empty(items.shape[0], time, n, dtype=f32)
             dh0 = torch.empty(batch, channels, n, dtype=f32)
             _bwd_kernel(_np32(u, 3), _np32(delta, 3), _np32(A, 2), _np32(B4, 4), _np32(C4, 4), _vec(D, channels),
                         _np32(z, 3), _vec(delta_bias, channels), ck.numpy(), _np32(dy, 3), _np32(dhT, 3),
@@ -699,8 +873,8 @@ class _NumbaScan(torch.autograd.Function):
         need = ctx.needs_input_grad
         out = lambda g, x, i: g.to(x.dtype) if need[i] else None  # noqa: E731
         return (
-            out(du, u, 0), out(ddelta, delta, 1), out(dA.sum(0), A, 2), out(dB.sum(0), B4, 3),
-            out(dC.sum(0), C4, 4), None if D is None else out(dD.sum(0), D, 5),
+            out(du, u, 0), out(ddelta, delta, 1), out(dA.sum(0), A, 2), out(_item_sum(dB, batch, groups), B4, 3),
+            out(_item_sum(dC, batch, groups), C4, 4), None if D is None else out(dD.sum(0), D, 5),
             None if z is None else out(dz, z, 6), None if delta_bias is None else out(dbias.sum(0), delta_bias, 7),
             None if initial_state is None else out(dh0, initial_state, 8), None,
         )
