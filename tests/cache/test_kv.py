@@ -1,5 +1,6 @@
 """KVCache: growth, trimming of keys no query can use, state round trip."""
 
+import pytest
 import torch
 
 from longctx.cache.kv import KVCache
@@ -52,3 +53,9 @@ def test_trim_with_gradients():
     assert torch.equal(k[0, :, 0, 0].detach(), torch.arange(6, 12, dtype=torch.float32))
     k.sum().backward()
     assert torch.equal(k0.grad[0, :, 0, 0], torch.tensor([0.0] * 6 + [1.0] * 4))
+
+
+def test_loading_a_sink_state_into_a_dense_cache_says_so():
+    cache = KVCache(1)
+    with pytest.raises(ValueError, match="attention-sink or window cache"):
+        cache.load_state_dict({"kept_k": torch.zeros(1), "kept_v": torch.zeros(1), "policy": torch.tensor([4, 8])})

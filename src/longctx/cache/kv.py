@@ -87,6 +87,10 @@ class KVCache:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.reset()
         if state:
+            if "k" not in state or "v" not in state:
+                kind = "an attention-sink or window cache" if "policy" in state else "another kind of state"
+                raise ValueError(f"the saved state holds {kind} ({', '.join(sorted(state))}), not a dense KV "
+                                 "cache; load it with the cache options it was made with")
             if state["k"].shape[0] != self.batch_size:
                 raise ValueError(
                     f"saved cache has batch size {state['k'].shape[0]}; this one {self.batch_size}"
