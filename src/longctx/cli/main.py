@@ -55,28 +55,74 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from longctx.generation import stream_text
+def _session(args: argparse.Namespace):
+    """Model, tokenizer and state for ``generate`` and ``chat``: a fresh state with the
+    chosen cache policy, or the saved session of ``--load-state``."""
     from longctx.train.runs import load_run
 
     _, model, tokenizer, _ = load_run(args.run, args.checkpoint)
     _need_tokenizer(tokenizer, args.run)
-    if args.load_state:
-        state = model.load_state(args.load_state)
-    else:
-        state = model.init_state(1)
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    for piece in stream_text(
-        model, tokenizer, args.prompt, args.max_new_tokens, state=state,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    ):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    cache = {"cache": args.cache, "sinks": args.sinks, "window": args.window}
+    state = model.load_state(args.load_state, **cache) if args.load_state else model.init_state(1, **cache)
+    return model, tokenizer, state
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+
+
+def _save_session(args: argparse.Namespace, model, state) -> None:
     if args.save_state:
         model.save_state(state, args.save_state)
         print(f"state after {state.seq_len} tokens saved to {args.save_state}", file=sys.stderr)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from longctx.generation import stream_text
+
+    model, tokenizer, state = _session(args)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    new_tokens = sys.maxsize if args.max_new_tokens < 0 else args.max_new_tokens
+    for piece in stream_text(model, tokenizer, args.prompt, new_tokens, state=state, **_sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    _save_session(args, model, state)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """One line from stdin per turn, put into ``--template``; the reply streams until eos,
+    ``--stop`` text or ``--max-new-tokens``.  Every turn continues the same state."""
+    from longctx.generation import stream_text
+
+    model, tokenizer, state = _session(args)
+    if "{prompt}" not in args.template:
+        raise ValueError(f"--template must contain {{prompt}}; got {args.template!r}")
+    sampling = _sampling(args)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        reply = ""
+        for piece in stream_text(model, tokenizer, args.template.format(prompt=line.rstrip("\n")),
+                                 args.max_new_tokens, state=state, **sampling):
+            reply += piece
+            if args.stop and args.stop in reply:
+                piece = piece[: len(piece) - (len(reply) - reply.index(args.stop))]
+                sys.stdout.write(piece)
+                break
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        sampling["seed"] = None  # later turns continue the session's RNG
+    _save_session(args, model, state)
     return 0
 
 
@@ -152,19 +198,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split each sequence over P processes (launch with torchrun --nproc_per_node P)")
     p.set_defaults(func=_train)
 
+    def session_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("run", help="run directory, or a Hugging Face checkpoint directory")
+        p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+        p.add_argument("--cache", choices=("dense", "sinks", "window"), default="dense",
+                       help="attention KV cache: every token (dense), the first --sinks plus the last --window "
+                            "(sinks: StreamingLLM, constant memory however long), or the last --window only")
+        p.add_argument("--sinks", type=int, default=4, help="sink tokens kept with --cache sinks (default 4)")
+        p.add_argument("--window", type=int, default=1020, help="recent tokens kept with --cache sinks|window")
+        p.add_argument("--save-state", metavar="FILE", help="save the session (caches, states, sampler) when done")
+        p.add_argument("--load-state", metavar="FILE",
+                       help="continue a saved session (give the --cache options it was made with)")
+
     p = sub.add_parser("generate", help="generate text from a trained run, printed as it comes")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
-    p.add_argument("--save-state", metavar="FILE", help="save the session (caches, states, sampler) when done")
-    p.add_argument("--load-state", metavar="FILE",
-                   help="continue a saved session; --prompt is then new text after it (may be empty)")
+    session_options(p)
+    p.add_argument("--prompt", default="", help="text to continue (after --load-state: new text, may be empty)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="-1: until eos or Ctrl-C")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("chat", help="a multi-turn session on one cache: a line from stdin per turn")
+    session_options(p)
+    p.add_argument("--template", default="USER: {prompt}\n\nASSISTANT: ",
+                   help="text fed for each line, {prompt} standing for the line")
+    p.add_argument("--stop", default=None, help="end a reply when this text appears (e.g. 'USER:')")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="per reply")
+    p.set_defaults(func=_chat)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a corpus")
     p.add_argument("run", help="run directory")
@@ -176,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("import-hf", help="make a run from a local Hugging Face checkpoint (Mamba, Mamba-2)")
+    p = sub.add_parser("import-hf", help="make a run from a local Hugging Face checkpoint")
     p.add_argument("hf_dir", help="directory with config.json and model.safetensors")
     p.add_argument("out", help="run directory to create")
     p.set_defaults(func=_import_hf)

@@ -2,6 +2,7 @@
 
 from .corpus import default_corpus_files, document_names, read_documents, resolve_corpus
 from .errors import DataError
+from .hf_tokenizer import HFTokenizer
 from .shards import (
     TokenDataset,
     cache_root,
@@ -25,6 +26,7 @@ __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
     "DataError",
+    "HFTokenizer",
     "StreamDecoder",
     "TokenDataset",
     "Tokenizer",

@@ -46,6 +46,7 @@ class _BytesTable:
     """Shared behaviour of tokenizers defined by a token -> bytes table."""
 
     _table: list[bytes]
+    add_bos = False  # whether texts start with bos (HF tokenizers that add it say so)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text for `ids` (a list, array or tensor); special tokens are dropped."""
@@ -219,13 +220,15 @@ class BPETokenizer(_BytesTable):
         return hashlib.sha256(self._hf.to_str().encode()).hexdigest()
 
 
-Tokenizer = ByteTokenizer | BPETokenizer
+Tokenizer = ByteTokenizer | BPETokenizer  # or data.hf_tokenizer.HFTokenizer (kind "hf")
 
 
 def save_tokenizer(tok: Tokenizer, run_dir: str | Path) -> Path:
     """Record `tok` in `run_dir` (tokenizer_config.json, plus tokenizer.json for BPE)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if tok.kind == "hf":
+        return tok.save(run_dir)
     if isinstance(tok, BPETokenizer):
         tok.save(run_dir)
     config = {"kind": tok.kind, "vocab_size": tok.vocab_size}
@@ -260,8 +263,12 @@ def load_tokenizer(run_dir_or_kind: str | Path) -> Tokenizer:
         tok: Tokenizer = ByteTokenizer()
     elif kind == BPETokenizer.kind:
         tok = BPETokenizer.load(path / BPE_FILE)
+    elif kind == "hf":
+        from .hf_tokenizer import HFTokenizer
+
+        tok = HFTokenizer.load(path)
     else:
-        raise DataError(f"'{config_path}' names unknown tokenizer kind {kind!r}; use 'byte' or 'bpe'")
+        raise DataError(f"'{config_path}' names unknown tokenizer kind {kind!r}; use 'byte', 'bpe' or 'hf'")
     expected = config.get("vocab_size", tok.vocab_size)
     if expected != tok.vocab_size:
         raise DataError(

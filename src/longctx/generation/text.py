@@ -15,11 +15,18 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, *, state=Non
     """
     ids = tokenizer.encode(prompt)
     fresh = state is None or (state.seq_len == 0 and "pending" not in state.extra)
-    if not ids and fresh:
-        ids = [tokenizer.bos_id]
+    # A fresh session starts with bos when the tokenizer starts texts with it (Llama), or
+    # when there is no prompt at all.
+    if fresh and (tokenizer.add_bos or not ids):
+        if tokenizer.bos_id is None:
+            if not ids:
+                raise ValueError("the prompt is empty and this tokenizer has no bos token; give a prompt")
+        else:
+            ids = [tokenizer.bos_id, *ids]
     decoder = tokenizer.stream_decoder()
     model.eval()
-    for token in stream(model, ids, max_new_tokens, stop=[tokenizer.eos_id], state=state, **sampling):
+    stop = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    for token in stream(model, ids, max_new_tokens, stop=stop, state=state, **sampling):
         token = int(token[0])
         if token == tokenizer.eos_id:
             break

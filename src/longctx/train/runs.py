@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from longctx.data import BPETokenizer, DataError, load_tokenizer, save_tokenizer
+from longctx.data import DataError, HFTokenizer, load_tokenizer, save_tokenizer
 from longctx.model import LanguageModel
 from longctx.model.config import ConfigError
 from longctx.train.checkpoint import (
@@ -20,15 +21,41 @@ from longctx.train.checkpoint import (
 from longctx.train.config import RunConfig
 
 
+def is_hf_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a Hugging Face checkpoint directory (its config.json has a model_type)."""
+    config = Path(path) / "config.json"
+    try:
+        values = json.loads(config.read_text()) if config.is_file() else {}
+    except json.JSONDecodeError:
+        return False
+    return isinstance(values, dict) and "model_type" in values and "model" not in values
+
+
+def load_hf_checkpoint(hf_dir: str | Path):
+    """A Hugging Face checkpoint directory as ``load_run`` returns a run: the model, and the
+    tokenizer saved beside it (None without a tokenizer.json)."""
+    from longctx.model.hf import from_hf
+
+    hf_dir = Path(hf_dir)
+    model = from_hf(hf_dir)
+    model.eval()
+    tokenizer = HFTokenizer.load(hf_dir) if (hf_dir / "tokenizer.json").is_file() else None
+    return RunConfig(model=model.config), model, tokenizer, hf_dir
+
+
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
     """The trained model of a run directory: ``(RunConfig, LanguageModel, tokenizer or None, checkpoint path)``.
 
     ``checkpoint`` picks one under ``RUN/checkpoints`` (a ``step_*`` name or a path);
-    default the latest.
+    default the latest.  A Hugging Face checkpoint directory loads too (``load_hf_checkpoint``).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
+    if is_hf_checkpoint(run_dir):
+        if checkpoint is not None:
+            raise CheckpointError(f"{run_dir} is a Hugging Face checkpoint, not a run: it has no --checkpoint choice")
+        return load_hf_checkpoint(run_dir)
     cfg = RunConfig.from_dict(read_run_config(run_dir))
     if checkpoint is None:
         path = latest_checkpoint(run_dir)
@@ -51,7 +78,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
 
 def import_hf_run(hf_dir: str | Path, run_dir: str | Path) -> Path:
     """Make a run directory from a local Hugging Face checkpoint, so ``generate``, ``eval``
-    and ``info`` work on it.  Its ``tokenizer.json`` comes along when it is byte-level BPE."""
+    and ``info`` work on it.  Its ``tokenizer.json`` comes along."""
     from longctx.model.hf import from_hf
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
@@ -62,8 +89,8 @@ def import_hf_run(hf_dir: str | Path, run_dir: str | Path) -> Path:
     tokenizer_note = "none (generate and eval need one: put a tokenizer.json beside the checkpoint)"
     if (hf_dir / "tokenizer.json").is_file():
         try:
-            save_tokenizer(BPETokenizer.load(hf_dir / "tokenizer.json"), run_dir)
-            tokenizer_note = "tokenizer.json (byte-level BPE)"
+            save_tokenizer(HFTokenizer.load(hf_dir), run_dir)
+            tokenizer_note = "tokenizer.json"
         except DataError as e:
             tokenizer_note = f"not usable: {e}"
     write_json_atomic(run_dir / "config.json", RunConfig(model=model.config).to_dict())

@@ -1,0 +1,85 @@
+"""Streaming through the command line: sink caches in generate, chat sessions, and
+Hugging Face checkpoint directories used directly (with the tokenizer beside them)."""
+
+import io
+import json
+
+import pytest
+
+from longctx.cli.main import main
+from tests.cli.test_cli import TINY
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("".join(f"def f{j}(x):\n    return x * {j}\n\n" for j in range(200)))
+    out = root / "run"
+    assert main(["train", "--data", str(corpus), "--out", str(out), "--quiet", *TINY, "--set", "train.steps=2"]) == 0
+    return out
+
+
+def test_generate_with_sinks_streams_past_the_window(run, capsys):
+    capsys.readouterr()
+    gen = ["generate", str(run), "--temperature", "0", "--prompt", "def f"]
+    assert main([*gen, "--max-new-tokens", "12"]) == 0
+    dense = capsys.readouterr().out
+    # While sinks + window hold every token, the sink cache is the dense cache.
+    assert main([*gen, "--max-new-tokens", "12", "--cache", "sinks", "--sinks", "2", "--window", "30"]) == 0
+    assert capsys.readouterr().out == dense
+    assert main([*gen, "--max-new-tokens", "300", "--cache", "sinks", "--sinks", "2", "--window", "16"]) == 0
+    assert len(capsys.readouterr().out) > 250  # 300 byte tokens through a cache of 18
+
+
+def test_generate_cache_errors(run, capsys):
+    gen = ["generate", str(run), "--prompt", "def f(x): return x", "--cache", "sinks", "--window", "8"]
+    assert main(gen) == 2
+    assert "window" in capsys.readouterr().err
+    assert main(["generate", str(run), "--cache", "sinks", "--sinks", "-1"]) == 2
+    assert "sink" in capsys.readouterr().err
+
+
+def test_chat_keeps_one_session_and_saves_it(run, tmp_path, capsys, monkeypatch):
+    state = tmp_path / "chat.safetensors"
+    chat = ["chat", str(run), "--temperature", "0", "--max-new-tokens", "10", "--template", "{prompt}\n",
+            "--stop", "\n", "--cache", "sinks", "--sinks", "2", "--window", "40"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("def g\nreturn\n"))
+    assert main(chat) == 0
+    both = capsys.readouterr().out.split("\n")
+    assert len(both) == 3 and both[2] == ""  # one line per reply
+    # A session saved after the first turn and continued with the second chats the same.
+    monkeypatch.setattr("sys.stdin", io.StringIO("def g\n"))
+    assert main([*chat, "--save-state", str(state)]) == 0
+    out = capsys.readouterr()
+    assert out.out == both[0] + "\n" and "saved" in out.err
+    monkeypatch.setattr("sys.stdin", io.StringIO("return\n"))
+    assert main([*chat, "--load-state", str(state)]) == 0
+    assert capsys.readouterr().out == both[1] + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("x\n"))
+    assert main([*chat, "--template", "no prompt"]) == 2
+    assert "{prompt}" in capsys.readouterr().err
+
+
+def test_hf_checkpoint_directory_with_its_tokenizer(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from tests.data.test_hf_tokenizer import byte_level_dir
+
+    hf = byte_level_dir(tmp_path / "hf")
+    vocab = json.loads((hf / "tokenizer.json").read_text())["model"]["vocab"]
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, state_size=8)
+    transformers.MambaForCausalLM(cfg).save_pretrained(hf)
+    gen = ["--temperature", "0", "--prompt", "def f", "--max-new-tokens", "8"]
+    assert main(["generate", str(hf), *gen]) == 0
+    direct = capsys.readouterr().out
+    assert direct.startswith("def f") and len(direct) > len("def f\n")
+    assert main(["import-hf", str(hf), str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), *gen]) == 0
+    assert capsys.readouterr().out == direct
+    assert main(["generate", str(hf), "--checkpoint", "step_1"]) == 2
+    assert "Hugging Face checkpoint" in capsys.readouterr().err
