@@ -89,3 +89,24 @@ def test_to_hf_refuses_what_hf_cannot_hold(tmp_path):
     model = LanguageModel(ModelConfig(vocab_size=50, d_model=32, layers=["mamba", "attention"], n_heads=2))
     with pytest.raises(HFCheckpointError, match="pure Mamba or Mamba-2"):
         to_hf(model, tmp_path / "out")
+
+
+def test_import_hf_run_keeps_attention_settings(tmp_path):
+    """`longctx import-hf` on a Mistral checkpoint with a window and yarn RoPE: the run's saved
+    config (JSON) rebuilds the same model."""
+    from longctx.cli.main import main
+    from longctx.train.runs import load_run
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                     max_position_embeddings=64, rope_parameters={
+                                         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    _perturb(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    _, model, _, _ = load_run(tmp_path / "run")
+    assert model.config.attn_window == 8 and model.config.rope_scaling["rope_type"] == "yarn"
+    with torch.no_grad():
+        assert (model(IDS) - hf(IDS).logits).abs().max() <= 1e-4

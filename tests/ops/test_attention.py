@@ -145,3 +145,41 @@ def test_bad_shapes_raise():
         attention(q, k, v)
     with pytest.raises(ValueError, match="batch, time, heads, head_dim"):
         attention(q[0], k[0], v[0])
+
+
+@pytest.mark.parametrize("time,kv_time", [(1, 1), (7, 7), (63, 63), (257, 257), (5, 64), (63, 300)])
+@pytest.mark.parametrize("window", [1, 8, 100])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_sliding_window_matches_reference(time, kv_time, window, alibi, monkeypatch):
+    monkeypatch.setattr(attention_module, "_BLOCK", 32)  # several blocks at small sizes
+    q, k, v = _inputs(2, time, kv_time, 4, 2, 8)
+    slopes = alibi_slopes(4) if alibi else None
+    fast = _grads(attention, q, k, v, window=window, alibi_slopes=slopes)
+    ref = _grads(attention_ref, q.double(), k.double(), v.double(), window=window, alibi_slopes=slopes)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
+
+
+def test_sliding_window_mask_and_plain_path():
+    """Query i sees keys i - window + 1 .. i (transformers' convention); a window that reaches
+    every key is the plain causal attention."""
+    q, k, v = _inputs(1, 12, 12, 2, 2, 8)
+    v = torch.eye(12)[None, :, None, :8].expand(1, 12, 2, 8).contiguous()  # value j marks key j (j < 8)
+    out, _ = attention(q, k, v, window=3)
+    seen = out[0, :, 0] > 0
+    for i in range(8):
+        assert seen[i].nonzero().flatten().tolist() == [j for j in range(max(0, i - 2), i + 1)]
+    q, k, v = _inputs(2, 20, 30, 4, 1, 8)
+    for a, b in zip(attention(q, k, v, window=30), attention(q, k, v)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.allclose(attention(q, k, v, window=29)[0], attention(q, k, v)[0])
+
+
+def test_sliding_window_errors():
+    q, k, v = _inputs(1, 4, 4, 2, 2, 8)
+    with pytest.raises(ValueError, match="positive integer"):
+        attention(q, k, v, window=0)
+    with pytest.raises(ValueError, match="causal=True"):
+        attention(q, k, v, causal=False, window=2)
+    with pytest.raises(ValueError, match="causal=True"):
+        attention_ref(q, k, v, causal=False, window=2)

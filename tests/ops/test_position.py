@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from longctx.ops import alibi_slopes, rope
+from longctx.ops.rope import check_rope_scaling, rope_attention_factor, rope_frequencies
 
 
 def test_rope_is_a_rotation_by_relative_position():
@@ -50,3 +51,64 @@ def test_alibi_slopes(n):
     if n == 8:
         torch.testing.assert_close(s, torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
     assert len(set(s.tolist())) == n
+
+
+SCALINGS = [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128, "beta_fast": 16, "beta_slow": 2,
+     "mscale": 0.7, "mscale_all_dim": 1.0, "truncate": False},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "attention_factor": 1.3},
+]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s["rope_type"])
+@pytest.mark.parametrize("seq_len", [None, 50, 300])
+def test_scaled_frequencies_match_transformers(scaling, seq_len):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim, theta = 32, 5000.0
+    original = scaling.get("original_max_position_embeddings", 64)
+    params = {**scaling, "rope_theta": theta}
+    if scaling["rope_type"] == "dynamic":  # transformers scales from max_position_embeddings
+        params.pop("original_max_position_embeddings")
+    cfg = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, max_position_embeddings=original,
+                                   rope_parameters=params)
+    want, want_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, "cpu", seq_len=seq_len)
+    got = rope_frequencies(head_dim, theta, scaling=check_rope_scaling(scaling), seq_len=seq_len)
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    assert rope_attention_factor(scaling) == pytest.approx(want_factor, rel=1e-12)
+
+
+def test_scaled_rope_rotates_and_scales():
+    x = torch.randn(1, 5, 2, 16, dtype=torch.float64)
+    pos = torch.arange(5)
+    plain = rope(x, pos)
+    torch.testing.assert_close(rope(x, pos, scaling={"rope_type": "linear", "factor": 2.0}), rope(x, pos / 2.0))
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "attention_factor": 1.5}
+    torch.testing.assert_close(rope(x, pos, scaling=yarn).norm(dim=-1), 1.5 * plain.norm(dim=-1))
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8}
+    torch.testing.assert_close(rope(x, pos, scaling=dynamic), plain)  # 5 <= 8 positions: unscaled
+    # the length defaults to the largest position + 1, as transformers counts it
+    torch.testing.assert_close(rope(x, pos + 10, scaling=dynamic), rope(x, pos + 10, scaling=dynamic, seq_len=15))
+    assert not torch.allclose(rope(x, pos, scaling=dynamic, seq_len=16), plain)
+
+
+@pytest.mark.parametrize("scaling,match", [
+    ({"rope_type": "longrope", "factor": 2.0}, "'longrope' is not supported; supported: linear, dynamic, llama3, yarn"),
+    ({"factor": 2.0}, "rope_type None is not supported"),
+    ({"rope_type": "linear"}, "needs factor"),
+    ({"rope_type": "linear", "factor": 0}, "factor must be positive"),
+    ({"rope_type": "linear", "factor": 2.0, "beta_fast": 3}, "unknown key.*beta_fast"),
+    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 1.5}, "positive integer"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+      "original_max_position_embeddings": 64}, "high_freq_factor > low_freq_factor"),
+    ("linear", "must be a dict"),
+])
+def test_rope_scaling_errors(scaling, match):
+    with pytest.raises(ValueError, match=match):
+        check_rope_scaling(scaling)

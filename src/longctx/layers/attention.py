@@ -25,16 +25,23 @@ class Attention(nn.Module):
     to the kept tokens only and positions are counted inside the cache (StreamingLLM §3.2):
     RoPE rotates the kept keys at ``0 .. kept - 1`` and the new queries at the last of
     these; ALiBi measures distances in cache order.
+
+    ``model.attn_window`` (sliding-window attention, Mistral) limits each query to itself
+    and the ``attn_window - 1`` tokens before it; a ``KVCache`` then drops the keys no later
+    token can see, so decoding memory is bounded by the window.  ``model.rope_scaling``
+    scales the RoPE frequencies (``longctx.ops.rope``); with ``"dynamic"`` they follow the
+    sequence length at each call and cached keys keep the rotation they were cached with,
+    as in transformers, so decoding past the original length differs from one full pass.
     """
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.pos, self.rope_theta = config.pos, config.rope_theta
-        self.max_seq_len = config.max_seq_len
+        self.pos, self.rope_theta, self.rope_scaling = config.pos, config.rope_theta, config.rope_scaling
+        self.max_seq_len, self.window = config.max_seq_len, config.attn_window
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.qkv = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=False)
-        self.out = nn.Linear(q_dim, config.d_model, bias=False)
+        self.qkv = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.attn_bias)
+        self.out = nn.Linear(q_dim, config.d_model, bias=config.attn_out_bias)
         self.out.is_residual_out = True
         self.register_buffer(
             "alibi_slopes", alibi_slopes(self.n_heads) if self.pos == "alibi" else None, persistent=False
@@ -66,6 +73,10 @@ class Attention(nn.Module):
         if self.max_seq_len is not None and state.capacity > self.max_seq_len:
             raise ValueError(f"the cache keeps up to {state.capacity} positions, more than this model's limit of "
                              f"{self.max_seq_len} (model.max_seq_len); use a smaller window or fewer sinks")
+        if self.window is not None and state.capacity > self.window:
+            raise ValueError(f"the cache keeps up to {state.capacity} tokens, more than this model's attention "
+                             f"window of {self.window} (model.attn_window) lets a query see; use sinks + window <= "
+                             f"{self.window}, or cache='dense' (which keeps only the window already)")
         return state
 
     def forward(self, x: torch.Tensor, state: KVCache | SinkKVCache | None = None) -> torch.Tensor:
@@ -81,13 +92,25 @@ class Attention(nn.Module):
         start = 0 if state is None else state.seq_len
         if self.pos == "rope":
             positions = self.positions(start, time, x.device)
-            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+            q, k = self._rope(q, positions, start + time), self._rope(k, positions, start + time)
         kv_start = 0
         if state is not None:
             kv_start = state.start
             k, v = state.update(k, v)
+        if self.window is not None and "attend" in vars(self):
+            raise ValueError("model.attn_window is applied by Attention.attend, which this layer has replaced "
+                             "(sequence parallelism), and the replacement attends to every earlier token; run "
+                             "sliding-window models in one process")
         out = self.attend(q, k, v, kv_start, state)
+        if self.window is not None and isinstance(state, KVCache):
+            state.trim(state.seq_len - self.window + 1)  # the next query sees no key before this
         return self.out(out.reshape(batch, time, -1))
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "dynamic" and "positions" in vars(self):
+            raise ValueError("dynamic RoPE scaling depends on the whole sequence's length, which this layer's "
+                             "replaced positions (sequence parallelism) do not give; run it in one process")
+        return rope(x, positions, self.rope_theta, scaling=self.rope_scaling, seq_len=seq_len)
 
     def _attend_in_cache(self, q, k, v, state: SinkKVCache) -> torch.Tensor:
         """Attention of the new tokens to a sink cache, at positions inside the cache: keys
@@ -95,8 +118,8 @@ class Attention(nn.Module):
         k, v = state.update(k, v)
         if self.pos == "rope":
             positions = state.positions(q.device)
-            q = rope(q, positions[-q.shape[1] :], self.rope_theta)
-            k = rope(k, positions, self.rope_theta)
+            q = self._rope(q, positions[-q.shape[1] :], len(positions))
+            k = self._rope(k, positions, len(positions))
         return self.attend(q, k, v, 0, state)
 
     # Seams that sequence parallelism (longctx.distributed) replaces on an instance.
@@ -109,5 +132,5 @@ class Attention(nn.Module):
         """Causal attention of q ``(batch, time, heads, head_dim)`` to k, v ``(batch, kv_time,
         kv_heads, head_dim)`` starting at absolute position ``kv_start`` (the cache's kept
         part; 0 for a sink cache, whose keys are in cache order at positions ``0 ..``); the
-        queries are the last ``time`` positions."""
-        return attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes)[0]
+        queries are the last ``time`` positions; ``model.attn_window`` applies."""
+        return attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, window=self.window)[0]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longctx.ops.dilated import check_patterns
+from longctx.ops.rope import check_rope_scaling
 
 POSITIONS = ("rope", "alibi", "learned", "none")
 
@@ -32,11 +33,23 @@ class ModelConfig:
     head_dim: int | None = None  # None: d_model // n_heads
     pos: str = "rope"  # rope | alibi | learned (absolute, needs max_seq_len) | none
     rope_theta: float = 10000.0
+    # RoPE frequency scaling, None or {"rope_type": "linear" | "dynamic" | "llama3" | "yarn", "factor": ..., ...}
+    # with the keys of Hugging Face's rope_parameters (longctx.ops.rope.ROPE_SCALINGS lists them per type).
+    rope_scaling: dict[str, Any] | None = None
     max_seq_len: int | None = None  # absolute limit; required by pos="learned"
+    # The context length the weights were trained for (Hugging Face's max_position_embeddings):
+    # informational, never enforced (max_seq_len is the limit); to_hf writes it back.
+    context_len: int | None = None
     mlp_hidden: int | None = None  # SwiGLU width; None: 8/3 d_model rounded up to 64; 0: no MLP
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # Attention layers: biases of the q/k/v projections (Qwen2) and of the output projection
+    # (Llama's attention_bias sets both); a sliding window (Mistral): each query attends to
+    # itself and the attn_window - 1 tokens before it (None: to every earlier token).
+    attn_bias: bool = False
+    attn_out_bias: bool = False
+    attn_window: int | None = None
     # State-space mixers ("mamba", "mamba2"); defaults are the papers'.
     ssm_state: int = 16  # N, the state size per channel
     ssm_expand: int = 2  # d_inner = ssm_expand * d_model
@@ -66,6 +79,11 @@ class ModelConfig:
             self.mlp_hidden = 64 * -(-(8 * self.d_model) // (3 * 64))
         if self.ssm_dt_rank is None:
             self.ssm_dt_rank = -(-self.d_model // 16)
+        if isinstance(self.rope_scaling, dict):
+            try:
+                self.rope_scaling = check_rope_scaling(self.rope_scaling)
+            except ValueError as e:
+                raise ConfigError(f"model.rope_scaling: {e}") from None
         self.validate()
 
     def validate(self) -> None:
@@ -133,6 +151,27 @@ class ModelConfig:
             raise ConfigError(f"model.init_std must be positive; got {self.init_std}")
         if self.pos != "rope" and self.rope_theta != 10000.0:
             warnings.warn(f"model.rope_theta is ignored with model.pos = {self.pos!r}", stacklevel=3)
+        try:
+            check_rope_scaling(self.rope_scaling)
+        except ValueError as e:
+            raise ConfigError(f"model.rope_scaling: {e}") from None
+        if self.rope_scaling is not None:
+            if self.pos != "rope":
+                warnings.warn(f"model.rope_scaling is ignored with model.pos = {self.pos!r}", stacklevel=3)
+            elif self.rope_scaling["rope_type"] == "dynamic" and self.head_dim <= 2:
+                raise ConfigError(f"model.rope_scaling 'dynamic' needs head_dim > 2; got {self.head_dim}")
+        if self.context_len is not None:
+            positive("context_len")
+        for name in ("attn_bias", "attn_out_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name} must be true or false; got {getattr(self, name)!r}")
+        if self.attn_window is not None:
+            positive("attn_window")
+            if "dilated" in self.layers:
+                raise ConfigError("model.attn_window applies to 'attention' layers; 'dilated' layers have their own "
+                                  "sparse pattern (model.dilated_segments / dilated_rates): remove one of them")
+            if "attention" not in self.layers:
+                warnings.warn("model.attn_window is ignored: model.layers has no 'attention' layer", stacklevel=3)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":

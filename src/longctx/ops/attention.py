@@ -10,7 +10,9 @@ exactly with ``merge``.
 
 Causal alignment: queries are the *last* ``time`` positions of the ``kv_time`` keys
 (bottom-right), which is what decoding with a KV cache needs.  Query ``i`` sees keys
-``j <= i + kv_time - time``.
+``j <= i + kv_time - time``.  With a sliding ``window`` (Mistral), query ``i`` at position
+``p = i + kv_time - time`` sees keys ``p - window < j <= p``: itself and the ``window - 1``
+keys before it, as transformers' sliding-window mask.
 """
 
 from __future__ import annotations
@@ -44,11 +46,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _causal_mask(time: int, kv_time: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``(time, kv_time)`` mask of allowed pairs, bottom-right aligned."""
+def _causal_mask(time: int, kv_time: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """Boolean ``(time, kv_time)`` mask of allowed pairs, bottom-right aligned (and within
+    ``window`` positions of the query, when given)."""
     i = torch.arange(time, device=device)[:, None] + (kv_time - time)
     j = torch.arange(kv_time, device=device)[None, :]
-    return j <= i
+    return (j <= i) if window is None else (j <= i) & (j > i - window)
+
+
+def _check_window(window, causal: bool) -> None:
+    if window is None:
+        return
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be a positive integer or None; got {window!r}")
+    if not causal:
+        raise ValueError("a sliding window needs causal=True (it keeps the window - 1 keys before each query)")
 
 
 def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -70,6 +82,7 @@ def attention_ref(
     causal: bool = True,
     scale: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense masked-softmax attention: the plain reference for ``attention``.
 
@@ -77,6 +90,7 @@ def attention_ref(
     Materialises the ``(B, H, T, S)`` score matrix; for tests and small inputs only.
     """
     _check(q, k, v)
+    _check_window(window, causal)
     time, kv_time = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[2] // k.shape[2]
@@ -85,11 +99,11 @@ def attention_ref(
     if alibi_slopes is not None:
         q_pos = torch.arange(kv_time - time, kv_time, device=q.device)
         bias = alibi_bias(alibi_slopes, q_pos, torch.arange(kv_time, device=q.device))
-    out, lse = _dense(qt, kt, vt, causal, scale, bias)
+    out, lse = _dense(qt, kt, vt, causal, scale, bias, window)
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
-def _dense(q, k, v, causal: bool, scale: float, bias=None):
+def _dense(q, k, v, causal: bool, scale: float, bias=None, window: int | None = None):
     """Dense masked softmax on ``(B, H, T, D)`` with an optional additive ``bias``; computes in
     fp32 at least (fp64 stays fp64).  The reference, and the kernel of devices without the
     CPU flash op (called there on blocks of queries)."""
@@ -98,7 +112,7 @@ def _dense(q, k, v, causal: bool, scale: float, bias=None):
     if bias is not None:
         s = s + bias.to(dtype)
     if causal:
-        s = s.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        s = s.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device, window), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     # Rows with no allowed key: lse = -inf, output 0 (not nan).
     p = torch.exp(s - lse.clamp_min(torch.finfo(dtype).min)[..., None])
@@ -195,6 +209,39 @@ def _attention_blocked(q, k, v, causal: bool, scale: float, slopes):
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
+def _attention_windowed(q, k, v, scale: float, slopes, window: int):
+    """Causal sliding-window attention over blocks of queries, ``(B, H, T, D)`` q and
+    ``(B, Hkv, S, D)`` k, v.
+
+    A block of ``n`` queries reads only the ``n + window - 1`` keys its window can reach,
+    with an additive mask (and ALiBi bias) of ``heads x n x (n + window - 1)``; blocks are
+    ``min(256, max(64, window))`` queries.  Work and memory are O(T * (block + window)):
+    linear in length, and less than full attention once ``T`` exceeds ``window``.
+    """
+    time, kv_time = q.shape[2], k.shape[2]
+    offset, group = kv_time - time, q.shape[1] // k.shape[1]
+    block = min(_BLOCK, max(64, window))
+    outs, lses = [], []
+    for start in range(0, time, block):
+        stop = min(start + block, time)
+        lo, hi = max(0, offset + start - window + 1), offset + stop
+        q_pos = torch.arange(offset + start, hi, device=q.device)
+        k_pos = torch.arange(lo, hi, device=q.device)
+        distance = q_pos[:, None] - k_pos[None, :]
+        if slopes is None:
+            bias = q.new_zeros(1, stop - start, hi - lo)
+        else:
+            bias = alibi_bias(slopes, q_pos, k_pos).to(q.dtype)
+        bias = bias.masked_fill(((distance < 0) | (distance >= window))[None], float("-inf"))
+        kb, vb = k[:, :, lo:hi], v[:, :, lo:hi]
+        if group > 1:
+            kb, vb = kb.repeat_interleave(group, dim=1), vb.repeat_interleave(group, dim=1)
+        out, lse = _kernel(q[:, :, start:stop], kb, vb, False, scale, bias[None])
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -203,6 +250,7 @@ def attention(
     causal: bool = True,
     scale: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention with its log-sum-exp, without a full score matrix.
 
@@ -213,6 +261,9 @@ def attention(
         causal: queries are the last ``time`` of the ``kv_time`` positions.
         scale: score scale, default ``head_dim ** -0.5``.
         alibi_slopes: optional ``(heads,)`` ALiBi slopes; adds ``-slope * (i - j)``.
+        window: optional sliding window (causal only): a query sees itself and the
+            ``window - 1`` keys before it.  A window that reaches every key changes nothing
+            and takes the fused path; a shorter one runs blocked (``_attention_windowed``).
 
     Returns:
         out ``(batch, time, heads, head_dim)`` in q's dtype and lse ``(batch, time, heads)``
@@ -220,7 +271,10 @@ def attention(
         Both are differentiable, ``lse`` included.
     """
     _check(q, k, v)
+    _check_window(window, causal)
     time, kv_time = q.shape[1], k.shape[1]
+    if window is not None and window >= kv_time:
+        window = None  # the farthest pair is kv_time - 1 apart: the window masks nothing
     if causal and kv_time < time:
         raise ValueError(
             f"causal attention needs at least as many keys as queries; got time={time}, kv_time={kv_time}"
@@ -233,7 +287,9 @@ def attention(
         return q * 0 + (k.sum() + v.sum()) * 0, lse
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    if alibi_slopes is not None or not _has_flash(q.device):
+    if window is not None:
+        out, lse = _attention_windowed(qt, kt, vt, scale, alibi_slopes, window)
+    elif alibi_slopes is not None or not _has_flash(q.device):
         # The blocked path takes one kv head per query head.
         kt = kt.repeat_interleave(q.shape[2] // k.shape[2], dim=1)
         vt = vt.repeat_interleave(q.shape[2] // k.shape[2], dim=1)

@@ -2,30 +2,174 @@
 
 Pairing is "rotate half" (dimension ``i`` with ``i + head_dim/2``), as in Hugging Face
 Llama, so imported checkpoints need no permutation.
+
+Frequency scaling (``scaling``, a dict with a ``"rope_type"``) follows Hugging Face
+transformers' ``modeling_rope_utils`` exactly, so imported checkpoints give its logits:
+
+- ``"linear"`` (position interpolation): every frequency divided by ``factor``.
+- ``"dynamic"`` (dynamic NTK): up to ``original_max_position_embeddings`` tokens, plain
+  RoPE; beyond, the base grows with the sequence length ``L``:
+  ``theta * (factor * L / original - (factor - 1)) ** (d / (d - 2))``.  ``L`` is the length
+  of the sequence at the call (``seq_len``; default the largest position + 1), so the
+  rotation of a position depends on how long the sequence is when it is computed.
+- ``"llama3"``: long wavelengths divided by ``factor``, short ones kept, a smooth ramp
+  between (``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``).
+- ``"yarn"``: per-frequency blend of interpolation and extrapolation (``beta_fast``,
+  ``beta_slow``, ``truncate``) and an attention factor (``attention_factor``, or from
+  ``factor``, ``mscale``, ``mscale_all_dim``) that multiplies cos and sin, hence every
+  rotated query and key.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
+# rope_type -> (required keys, optional keys), "rope_type" aside.
+ROPE_SCALINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("factor",), ()),
+    "dynamic": (("factor", "original_max_position_embeddings"), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+}
 
-def rope_frequencies(head_dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
-    """Inverse frequencies ``theta ** (-2i / head_dim)`` for ``i < head_dim / 2``, fp32."""
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validate a RoPE scaling dict and return its normal form (a new dict: optional keys
+    given as None dropped, numbers as float, lengths as int); raises ``ValueError`` naming
+    the key and the allowed values."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"must be a dict with a 'rope_type' or None; got {scaling!r}")
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_type {kind!r} is not supported; supported: {', '.join(ROPE_SCALINGS)}")
+    required, optional = ROPE_SCALINGS[kind]
+    unknown = sorted(set(scaling) - {"rope_type", *required, *optional})
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} for rope_type {kind!r}; "
+                         f"allowed: {', '.join(('rope_type',) + required + optional)}")
+    missing = [key for key in required if scaling.get(key) is None]
+    if missing:
+        raise ValueError(f"rope_type {kind!r} needs {', '.join(missing)}")
+    out: dict[str, Any] = {"rope_type": kind}
+    for key in required + optional:
+        value = scaling.get(key)
+        if value is None:
+            continue
+        if key == "truncate":
+            if not isinstance(value, bool):
+                raise ValueError(f"truncate must be true or false; got {value!r}")
+        elif key == "original_max_position_embeddings":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"original_max_position_embeddings must be a positive integer; got {value!r}")
+        elif not _number(value):
+            raise ValueError(f"{key} must be a number; got {value!r}")
+        elif key in ("factor", "attention_factor") and value <= 0:
+            raise ValueError(f"{key} must be positive; got {value!r}")
+        out[key] = value if key in ("truncate", "original_max_position_embeddings") else float(value)
+    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise ValueError(f"llama3 needs high_freq_factor > low_freq_factor; got {out['high_freq_factor']} and "
+                         f"{out['low_freq_factor']}")
+    return out
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """The factor cos and sin are multiplied by: 1 except for ``"yarn"`` (its
+    ``attention_factor``, else ``0.1 ln(factor) + 1``, or the ratio of the ``mscale`` and
+    ``mscale_all_dim`` versions when both are given)."""
+    if scaling is None or scaling["rope_type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = scaling["factor"]
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+    return get_mscale(factor)
+
+
+def rope_frequencies(
+    head_dim: int, theta: float = 10000.0, device=None, *, scaling: dict[str, Any] | None = None,
+    seq_len: int | None = None,
+) -> torch.Tensor:
+    """Inverse frequencies ``(head_dim / 2,)`` fp32: ``theta ** (-2i / head_dim)``, scaled
+    by ``scaling`` (module docstring).  ``seq_len`` is the sequence length, used by
+    ``"dynamic"`` only (None: the original length, i.e. no scaling)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim; got {head_dim}")
     if theta <= 0:
         raise ValueError(f"rope theta must be positive; got {theta}")
     exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
-    return (1.0 / theta**exponent).float()
+    if scaling is None:
+        return (1.0 / theta**exponent).float()
+    kind, factor = scaling["rope_type"], float(scaling["factor"])
+    if kind == "linear":
+        inv_freq = 1.0 / theta**exponent / factor
+    elif kind == "dynamic":
+        if head_dim <= 2:
+            raise ValueError(f"dynamic RoPE scaling needs head_dim > 2; got {head_dim}")
+        original = scaling["original_max_position_embeddings"]
+        length = original if seq_len is None else max(int(seq_len), original)
+        base = theta * (factor * length / original - (factor - 1)) ** (head_dim / (head_dim - 2))
+        inv_freq = 1.0 / base**exponent
+    elif kind == "llama3":
+        inv_freq = 1.0 / theta**exponent
+        original = scaling["original_max_position_embeddings"]
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        original = scaling["original_max_position_embeddings"]
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # as transformers: no division by zero
+        ramp = ((torch.arange(head_dim // 2, device=device, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp  # 1: keep the frequency, 0: interpolate (divide by factor)
+        pos_freqs = theta**exponent
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    else:
+        raise ValueError(f"rope_type {kind!r} is not supported; supported: {', '.join(ROPE_SCALINGS)}")
+    return inv_freq.float()
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+def rope(
+    x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0, *, scaling: dict[str, Any] | None = None,
+    seq_len: int | None = None,
+) -> torch.Tensor:
     """Rotate ``x`` by its positions.
 
     Args:
         x: ``(batch, time, heads, head_dim)``.
         positions: integer ``(time,)`` or ``(batch, time)``: the position of each row.
         theta: base of the frequencies.
+        scaling: optional frequency scaling (``check_rope_scaling``'s form; module docstring).
+        seq_len: the sequence length for ``"dynamic"`` scaling; None: ``positions.max() + 1``,
+            as transformers computes it.
 
     Returns:
         Tensor like ``x``.  Angles are computed in fp64 from the integer positions, so
@@ -35,11 +179,17 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> to
         raise ValueError(f"rope expects (batch, time, heads, head_dim); got shape {tuple(x.shape)}")
     if positions.shape[-1] != x.shape[1]:
         raise ValueError(f"positions has {positions.shape[-1]} entries for {x.shape[1]} time steps")
-    inv_freq = rope_frequencies(x.shape[-1], theta, device=x.device).double()
+    if scaling is not None and scaling["rope_type"] == "dynamic" and seq_len is None and positions.numel():
+        seq_len = int(positions.max()) + 1
+    inv_freq = rope_frequencies(x.shape[-1], theta, device=x.device, scaling=scaling, seq_len=seq_len).double()
     angles = positions.to(x.device, torch.float64)[..., None] * inv_freq  # (..., time, D/2)
     if angles.dim() == 2:
         angles = angles[None]
-    cos = torch.cos(angles).to(x.dtype)[:, :, None, :]  # (B|1, T, 1, D/2)
-    sin = torch.sin(angles).to(x.dtype)[:, :, None, :]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    factor = rope_attention_factor(scaling)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    cos = cos.to(x.dtype)[:, :, None, :]  # (B|1, T, 1, D/2)
+    sin = sin.to(x.dtype)[:, :, None, :]
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
