@@ -41,6 +41,9 @@ def apply_sequence_parallel(model, group=None, layout: str = "contiguous"):
     returns the same object.  Raises ``ValueError`` for what cannot run split: ALiBi
     (ring attention takes no bias), dilated layers with the zigzag layout, unknown mixers."""
     check_layout(layout)
+    if model.config.sink_token:
+        raise ValueError("sequence parallelism does not support model.sink_token (the sink is prepended to "
+                         "the whole sequence, not to each shard); train it in one process")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if model.config.pos == "alibi":
         raise ValueError("sequence parallelism supports pos = rope, learned or none; ALiBi is not available "

@@ -43,6 +43,9 @@ class ModelConfig:
     mlp_hidden: int | None = None  # SwiGLU width; None: 8/3 d_model rounded up to 64; 0: no MLP
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # A learned sink token (StreamingLLM §3.3) prepended to every sequence: position 0 of
+    # each fresh sequence, in training and generation; a sink cache with sinks = 1 keeps it.
+    sink_token: bool = False
     init_std: float = 0.02
     # Attention layers: biases of the q/k/v projections (Qwen2) and of the output projection
     # (Llama's attention_bias sets both); a sliding window (Mistral): each query attends to

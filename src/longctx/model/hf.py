@@ -125,6 +125,9 @@ def to_hf(model: LanguageModel, path: str | Path) -> Path:
     """
     c = model.config
     kinds = set(c.layers)
+    if c.sink_token:
+        raise HFCheckpointError("no Hugging Face architecture has a learned sink token (model.sink_token); "
+                                "export a model trained without it")
     if kinds <= {"mamba", "mamba2"}:
         family = hf_mamba
     elif kinds == {"attention"}:

@@ -36,6 +36,7 @@ class LanguageModel(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.pos == "learned" else None
+        self.sink = nn.Parameter(torch.empty(config.d_model)) if config.sink_token else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(len(config.layers)))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -53,6 +54,8 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(module.weight, std=std * scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        if self.sink is not None:
+            nn.init.normal_(self.sink, std=std)
         # Mixers with parameters of their own kind (SSM step sizes, decays) set them last.
         for block in self.blocks:
             if hasattr(block.mixer, "reset_parameters"):
@@ -123,17 +126,22 @@ class LanguageModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
         start = 0 if state is None else state.seq_len
-        self._check_ids(ids, start, self.position_limit(state))
+        # With model.sink_token, a fresh sequence starts with the learned sink (position 0);
+        # its output is dropped, and a state counts it among the tokens seen.
+        sink = self.sink is not None and start == 0
+        self._check_ids(ids, start + sink, self.position_limit(state))
         if state is not None and state.batch_size != ids.shape[0]:
             raise ValueError(f"state was made for batch size {state.batch_size}; ids have {ids.shape[0]}")
         x = self.embed(ids)
+        if sink:
+            x = torch.cat([self.sink.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(self.positions(start, ids.shape[1], ids.device))
+            x = x + self.pos_embed(self.positions(start, x.shape[1], ids.device))
         for i, block in enumerate(self.blocks):
             x = block(x, None if state is None else state.layers[i])
         if state is not None:
-            state.seq_len += ids.shape[1]
-        return self.lm_head(self.norm(x))
+            state.seq_len += x.shape[1]
+        return self.lm_head(self.norm(x[:, 1:] if sink else x))
 
     def positions(self, start: int, time: int, device) -> torch.Tensor:
         """Absolute positions ``(time,)`` of new tokens (a seam sequence parallelism replaces)."""
