@@ -236,3 +236,15 @@ def test_bad_shapes_and_dtypes_raise_clear_errors():
         ssm_step(u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], h[:1])
     with pytest.raises(ValueError, match=r"ssm_step: u must have shape \(batch, channels\)"):
         ssm_step(u, delta, A, B, C, h)
+
+
+def test_the_cpu_kernel_leaves_torch_thread_count_alone():
+    """numba's OpenMP layer shares the thread count with torch; the kernel must restore torch's."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        u = torch.randn(1, 40, 32)
+        selective_scan(u, torch.rand(1, 40, 32), -torch.rand(32, 4), torch.randn(1, 40, 4), torch.randn(1, 40, 4))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)

@@ -811,14 +811,18 @@ class _Threads:
     work items one at a time (a thread slowed by other load takes fewer of them)."""
 
     def __enter__(self):
+        self.old_torch = torch.get_num_threads()  # first: numba's first use starts its pool and resets it
         self.old = _nb.get_num_threads()
-        _nb.set_num_threads(max(1, min(torch.get_num_threads(), _nb.config.NUMBA_NUM_THREADS)))
+        _nb.set_num_threads(max(1, min(self.old_torch, _nb.config.NUMBA_NUM_THREADS)))
         self.old_chunk = _nb.set_parallel_chunksize(1)
         return _nb.get_num_threads()
 
     def __exit__(self, *exc):
         _nb.set_parallel_chunksize(self.old_chunk)
         _nb.set_num_threads(self.old)
+        # numba's OpenMP layer shares the thread count with torch: restoring numba's
+        # would otherwise overwrite a torch.set_num_threads the caller made.
+        torch.set_num_threads(self.old_torch)
 
 
 def _numba_forward(u, delta, A, B4, C4, D, z, delta_bias, softplus: bool, initial_state, save_ck: bool):
