@@ -294,8 +294,10 @@ def attention(
         kt = kt.repeat_interleave(q.shape[2] // k.shape[2], dim=1)
         vt = vt.repeat_interleave(q.shape[2] // k.shape[2], dim=1)
         out, lse = _attention_blocked(qt, kt, vt, causal, scale, alibi_slopes)
-    elif causal and kv_time > time:
+    elif causal and kv_time > time and time > 1:
         out, lse = _attention_causal_offset(qt, kt, vt, scale)
+    elif causal and kv_time > time:  # one query after its keys (a decoding step) sees them all
+        out, lse = _kernel(qt, kt, vt, False, scale)
     else:
         out, lse = _kernel(qt, kt, vt, causal, scale)
     return out.transpose(1, 2), lse.transpose(1, 2)
