@@ -12,9 +12,10 @@ Model: a hybrid ``LanguageModel`` (default layers mamba, attention, mamba, atten
 Every rank makes the same token batch of ``T`` tokens, keeps its shard (``shard_sequence``,
 ``--layout`` contiguous or zigzag) and, when P > 1, runs the model under
 ``apply_sequence_parallel`` (ring attention, sequence-parallel scan and conv).  One training
-step = ``zero_grad(set_to_none)`` + forward + cross-entropy (sum over local tokens / all T
+step = ``zero_grad`` (in place) + forward + cross-entropy (sum over local tokens / all T
 tokens) + backward + ``all_reduce_gradients`` (P > 1).  No optimizer: there are no optimizer
-states, and the weights and gradients (replicated on every rank) are the fixed overhead.
+states, and the weights and gradients (replicated on every rank) are the fixed overhead, in
+every rank's memory before the measured step.
 
 Each (P, T) case spawns P fresh processes (``--rank``: gloo group over a FileStore in a
 temporary directory; results come back as JSON files there).  Each process runs with
@@ -24,11 +25,24 @@ idle and P = 4 oversubscribes them: the P = 4 step times are inflated, and all t
 sensitive to the machine's other load.  The memory and traffic numbers are the point, the
 times are indicative.  In each rank:
 
-- warmup: one step on a small batch (64 local tokens): kernels, threads, gloo connections;
+- warmup: one step on a small batch (64 local tokens): kernels, threads, gloo connections, and
+  the parameters' gradients, which from then on are zeroed in place (``set_to_none=False``):
+  weights and gradients (replicated, the same for every P) are memory before the step;
 - memory: the batch and its shard are built, then the peak-RSS counter is reset
-  (``/proc/self/clear_refs``), one step runs, and ``VmHWM - VmRSS(before)`` is that rank's
-  extra peak memory of a training step (activations, gradients, communication buffers; the
-  weights and the interpreter are in the "before").  Reported: the max over the ranks.
+  (``/proc/self/clear_refs``) and one step runs.  "act MB" = the peak RSS of its forward and
+  backward (``VmHWM`` read right after ``backward``) - ``VmRSS`` before the step: activations,
+  the ring's buffers, temporaries.  "peak MB" = the same over the whole step, the gradient
+  all-reduce's flat buffer (P > 1) included: the budget's measure.  Reported: the max over the
+  ranks.  Every rank runs with ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB, so a tensor's memory
+  goes back to the system when it is freed: with glibc's default dynamic threshold, freed
+  tensors of up to 32 MiB stay in the heap, and RSS then counts memory no tensor uses any more
+  (or hides new tensors in memory freed before the step), depending on the allocation history.
+  The price: each new tensor's pages fault in afresh, which makes the steps here ~15-30 %
+  slower than with the default allocator settings (the same for every P).
+- tensor memory: one more step (after the timed ones) under a ``TorchDispatchMode`` that counts
+  the bytes of the tensor storages created in the step and still alive; "tensor MB" = their
+  peak over forward and backward.  The allocator-independent cross-check of "act MB" (it does
+  not see kernels' internal scratch buffers, gloo's or the interpreter's memory).
 - time: ``--steps`` more steps (each after a barrier); the median of all timed steps of
   rank 0 (the ranks wait for each other in the collectives, so all see about the same).
 - traffic: ``torch.distributed.batch_isend_irecv`` / ``all_gather`` / ``all_reduce`` (and the
@@ -45,10 +59,8 @@ times are indicative.  In each rank:
 
 Parts:
 
-1. Fixed total length ``T = --length`` for P = 1, 2, 4: per-rank peak MB, step seconds, and
-   the peak relative to P = 1.  The fixed part is measured by a tiny case per P (64 local
-   tokens; the gradients, the all-reduce's flat buffer): "act MB" = peak - that, the part
-   that should scale as T/P.
+1. Fixed total length ``T = --length`` for P = 1, 2, 4: per-rank act, tensor and peak MB,
+   step seconds, and act / tensor MB x P relative to P = 1 (1 = proportional to T/P).
 2. Memory budget: for each P, T doubles while the step's per-rank peak stays within
    ``--budget-mb`` (the step's extra peak, as above), up to ``--max-length``; doubling also
    stops after a step takes over ``--max-seconds``.  P = 1 starts at ``--start``; a larger P
@@ -60,11 +72,12 @@ Parts:
    here are of the single measured step.
 
 Targets (issue): per-rank activation memory proportional to T/P (act MB x P / act MB at P = 1
-within 0.75..1.33; the same ratio between the sequence-parallel runs, P = 4 / P = 2, is
-reported beside it, which separates a constant per-token overhead of the sequence-parallel
-path from a failure to scale as 1/P), so the trainable context grows linearly with P (largest T at P at least
-P/2 x that at P = 1 when the search was stopped by the budget, i.e. within one doubling of
-linear); ring bytes per step = the ideal (ratio within 1.05).
+within 0.75..1.33, and the same for tensor MB; the act ratio between the sequence-parallel
+runs, P = 4 / P = 2, is reported beside it, which separates a constant per-token overhead of
+the sequence-parallel path from a failure to scale as 1/P), so the trainable context grows
+linearly with P (largest T at P at least P/2 x that at P = 1 when the search was stopped by
+the budget, i.e. within one doubling of linear); ring bytes per step = the ideal (ratio
+within 1.05).
 """
 
 from __future__ import annotations
@@ -78,6 +91,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from datetime import timedelta
 from pathlib import Path
 
@@ -89,10 +103,15 @@ from longctx.distributed.layout import shard_sequence
 from longctx.distributed.parallelize import all_reduce_gradients, apply_sequence_parallel
 from longctx.model import LanguageModel, ModelConfig
 from machine import proc_status, write_result
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 WORLDS = (1, 2, 4)
-WARMUP_LOCAL = 64  # local tokens of the warmup step and of the fixed-part case
+WARMUP_LOCAL = 64  # local tokens of the warmup step
 MB = 2**20
+# glibc malloc: requests from 64 KiB up are mmap'ed and unmapped when freed (a fixed value also
+# turns off the dynamic threshold), so RSS follows the memory tensors hold.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
 
 # ----------------------------------------------------------------------------- child (one rank)
 
@@ -146,6 +165,37 @@ def _install_counters(world: int) -> None:
     wrap("all_to_all", all_to_all)
 
 
+class TensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages that ops create while this mode is active and that are still
+    alive (``now``), and their peak: what the step asks of the allocator, whatever the allocator
+    does with it.  Views and in-place results (storages an op got as an input) are not new."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = self.peak = 0
+        self._live: dict[int, tuple[int, weakref.ref]] = {}
+
+    def _freed(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.now -= entry[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in inputs or key in self._live:
+                continue
+            self._live[key] = (size, weakref.ref(storage, lambda _, key=key: self._freed(key)))
+            self.now += size
+            self.peak = max(self.peak, self.now)
+        return out
+
+
 def build_model(args) -> LanguageModel:
     torch.manual_seed(0)
     return LanguageModel(ModelConfig(layers=args.layers, d_model=args.d_model, n_heads=args.heads,
@@ -161,13 +211,18 @@ def make_batch(args, length: int, layout: str):
     return x.contiguous(), y.contiguous(), length
 
 
-def train_step(model, x, y, total: int, world: int) -> float:
+def train_step(model, x, y, total: int, world: int, after_backward=None) -> float:
+    """One step; the gradients (allocated by the first step) are zeroed in place.
+    ``after_backward()`` runs between the backward and the gradient all-reduce."""
     t0 = time.perf_counter()
-    model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=False)
     _PHASE[0] = "forward"
     loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") / total
     _PHASE[0] = "backward"
     loss.backward()
+    del loss
+    if after_backward is not None:
+        after_backward()
     _PHASE[0] = "gradients"
     if world > 1:
         all_reduce_gradients(model)
@@ -197,7 +252,6 @@ def rank_main(args) -> None:
             apply_sequence_parallel(model, layout=args.layout)
         _install_counters(world)
         train_step(model, *make_batch(args, WARMUP_LOCAL * world, args.layout), world)
-        model.zero_grad(set_to_none=True)
         batch = make_batch(args, args.length, args.layout)
         _BYTES.clear()
         dist.barrier()
@@ -208,15 +262,23 @@ def rank_main(args) -> None:
         if args.abort_mb:
             threading.Thread(target=_watch, daemon=True,
                              args=(rank, base, int(args.abort_mb * MB), tmp / f"rank{rank}.json", done)).start()
-        times = [train_step(model, *batch, world)]
+        marks = {}
+        times = [train_step(model, *batch, world, lambda: marks.setdefault("act", proc_status("VmHWM") - base))]
         done.set()
         peak = proc_status("VmHWM") - base
         traffic = dict(_BYTES)
         for _ in range(args.steps):
             dist.barrier()
             times.append(train_step(model, *batch, world))
-        result = {"rank": rank, "peak_bytes": peak, "base_rss": base, "seconds": statistics.median(times),
-                  "first_seconds": times[0], "bytes": traffic, "local_length": batch[0].shape[1]}
+        tensors = None
+        if args.tensor_bytes:
+            dist.barrier()
+            with TensorBytes() as counter:
+                train_step(model, *batch, world, lambda: marks.setdefault("tensors", counter.peak))
+            tensors = marks["tensors"]
+        result = {"rank": rank, "peak_bytes": peak, "act_bytes": marks["act"], "tensor_bytes": tensors,
+                  "base_rss": base, "seconds": statistics.median(times), "first_seconds": times[0],
+                  "bytes": traffic, "local_length": batch[0].shape[1]}
         (tmp / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -230,13 +292,14 @@ def model_flags(args) -> list[str]:
             "--vocab", str(args.vocab), "--layout", args.layout, "--timeout", str(args.timeout)]
 
 
-def run_case(args, world: int, length: int, steps: int, abort_mb: float = 0.0) -> dict:
+def run_case(args, world: int, length: int, steps: int, abort_mb: float = 0.0, tensor_bytes: bool = False) -> dict:
     """Spawn ``world`` ranks on a ``length``-token step; the per-rank results combined.  With
     ``abort_mb``, a rank whose step goes over that many MB ends the case early: the result then
     has ``over_budget`` and that rank's peak so far."""
     with tempfile.TemporaryDirectory() as tmp:
-        flags = ["--dir", tmp, "--length", str(length), "--steps", str(steps), "--abort-mb", str(abort_mb)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}  # one thread per rank
+        flags = ["--dir", tmp, "--length", str(length), "--steps", str(steps), "--abort-mb", str(abort_mb),
+                 *(["--tensor-bytes"] if tensor_bytes else [])]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", **MALLOC_ENV}  # one thread per rank
         logs = [open(Path(tmp) / f"rank{r}.log", "w") for r in range(world)]  # no pipe to fill up
         procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world), *flags,
                                    *model_flags(args)], stdout=logs[r], stderr=subprocess.STDOUT, env=env)
@@ -266,6 +329,8 @@ def run_case(args, world: int, length: int, steps: int, abort_mb: float = 0.0) -
         ranks = [json.loads(f.read_text()) for f in files]
     keys = sorted({k for r in ranks for k in r["bytes"]})
     return {"P": world, "T": length, "peak_bytes": max(r["peak_bytes"] for r in ranks),
+            "act_bytes": max(r["act_bytes"] for r in ranks),
+            "tensor_bytes": max(r["tensor_bytes"] for r in ranks) if tensor_bytes else None,
             "base_rss": max(r["base_rss"] for r in ranks), "seconds": ranks[0]["seconds"],
             "first_seconds": max(r["first_seconds"] for r in ranks),
             "bytes": {k: max(r["bytes"].get(k, 0) for r in ranks) for k in keys}}
@@ -292,16 +357,15 @@ def traffic(case: dict) -> dict:
             "other": sum(v for k, v in b.items() if not any(s in k for s in ("p2p", "all_gather", "gradients/")))}
 
 
-def fixed_length_rows(args, fixed: dict) -> tuple[list[dict], dict]:
+def fixed_length_rows(args) -> tuple[list[dict], dict]:
     rows, cases = [], {}
     for world in WORLDS:
-        case = run_case(args, world, args.length, args.steps)
+        case = run_case(args, world, args.length, args.steps, tensor_bytes=True)
         cases[(world, args.length)] = case
         t, ideal = traffic(case), ring_ideal(args, world, args.length)
-        act = (case["peak_bytes"] - fixed[world]) / MB
         row = {"part": "fixed T", "P": world, "T": args.length, "T/P": args.length // world,
-               "base RSS MB": case["base_rss"] / MB, "peak MB": case["peak_bytes"] / MB,
-               "fixed MB": fixed[world] / MB, "act MB": act, "s/step": case["seconds"],
+               "base RSS MB": case["base_rss"] / MB, "act MB": case["act_bytes"] / MB,
+               "tensor MB": case["tensor_bytes"] / MB, "peak MB": case["peak_bytes"] / MB, "s/step": case["seconds"],
                "ring MB": (t["ring fwd"] + t["ring bwd"]) / MB,
                "ring ideal MB": (ideal["forward"] + ideal["backward"]) / MB,
                "ring/ideal": ((t["ring fwd"] + t["ring bwd"]) / (ideal["forward"] + ideal["backward"])
@@ -311,12 +375,14 @@ def fixed_length_rows(args, fixed: dict) -> tuple[list[dict], dict]:
         if t["other"]:
             row["other MB"] = t["other"] / MB
         rows.append(row)
-        print(f"P={world} T={args.length}: peak {row['peak MB']:.0f} MB/rank, {case['seconds']:.2f} s/step, "
+        print(f"P={world} T={args.length}: act {row['act MB']:.0f} MB/rank (tensors {row['tensor MB']:.0f}), "
+              f"peak {row['peak MB']:.0f} MB/rank, {case['seconds']:.2f} s/step, "
               f"ring {row['ring MB']:.1f} MB (ideal {row['ring ideal MB']:.1f})", flush=True)
     base = rows[0]
     for r in rows:
         r["peak x P=1"] = r["peak MB"] / base["peak MB"]
         r["act x P/P=1"] = r["act MB"] * r["P"] / base["act MB"] if base["act MB"] > 0 else "-"
+        r["tensor x P/P=1"] = r["tensor MB"] * r["P"] / base["tensor MB"] if base["tensor MB"] > 0 else "-"
     return rows, cases
 
 
@@ -377,11 +443,13 @@ def budget_rows(args, cases: dict) -> list[dict]:
 def targets(args, fixed_rows: list[dict], budget: list[dict]) -> dict:
     out = {}
     scaled = {r["P"]: r["act x P/P=1"] for r in fixed_rows if r["P"] > 1}
-    if all(isinstance(v, float) for v in scaled.values()):
-        ok = all(0.75 <= v <= 1.33 for v in scaled.values())
+    tensors = {r["P"]: r["tensor x P/P=1"] for r in fixed_rows if r["P"] > 1}
+    if all(isinstance(v, float) for v in [*scaled.values(), *tensors.values()]):
+        ok = all(0.75 <= v <= 1.33 for v in [*scaled.values(), *tensors.values()])
         out["target activation memory ~ T/P"] = (
             f"{'MET' if ok else 'MISSED'} (act MB x P / act MB at P=1: "
-            + ", ".join(f"P={p}: {v:.2f}" for p, v in scaled.items()) + "; 1 = proportional to T/P)")
+            + ", ".join(f"P={p}: {v:.2f}" for p, v in scaled.items()) + "; tensor MB x P / P=1: "
+            + ", ".join(f"P={p}: {v:.2f}" for p, v in tensors.items()) + "; 1 = proportional to T/P)")
     else:
         out["target activation memory ~ T/P"] = "n/a (no activation memory measured at P=1)"
     sp = [r for r in fixed_rows if r["P"] > 1 and r["act MB"] > 0]
@@ -432,6 +500,7 @@ def main() -> None:
     p.add_argument("--world", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--abort-mb", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--tensor-bytes", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rank is not None:
         return rank_main(args)
@@ -441,11 +510,7 @@ def main() -> None:
             p.error(f"--{name} must be a multiple of {multiple} ({args.layout} layout over up to {max(WORLDS)} ranks)")
 
     t0 = time.perf_counter()
-    fixed = {}
-    for world in WORLDS:
-        fixed[world] = run_case(args, world, WARMUP_LOCAL * world, 0)["peak_bytes"]
-        print(f"P={world}: fixed part (T={WARMUP_LOCAL * world}) {fixed[world] / MB:.1f} MB/rank", flush=True)
-    rows, cases = fixed_length_rows(args, fixed)
+    rows, cases = fixed_length_rows(args)
     budget = [] if args.no_budget else budget_rows(args, cases)
     cfg = ModelConfig(layers=args.layers, d_model=args.d_model, n_heads=args.heads, mlp_hidden=0,
                       vocab_size=args.vocab)
