@@ -63,7 +63,8 @@ Parts:
    step seconds, and act / tensor MB x P relative to P = 1 (1 = proportional to T/P).
 2. Memory budget: for each P, T doubles while the step's per-rank peak stays within
    ``--budget-mb`` (the step's extra peak, as above), up to ``--max-length``; doubling also
-   stops after a step takes over ``--max-seconds``.  P = 1 starts at ``--start``; a larger P
+   stops after a step takes over ``--max-seconds``.  When the budget stopped it, ``--refine``
+   bisection steps (multiples of 1024) narrow the largest T between the last two tried.  P = 1 starts at ``--start``; a larger P
    at the previous P's largest T (memory grows with T, so shorter lengths need no run),
    halving while that does not fit.  Reported: the largest T that fitted, what stopped the
    search and the lengths tried.  A
@@ -387,7 +388,7 @@ def fixed_length_rows(args) -> tuple[list[dict], dict]:
 
 
 def budget_rows(args, cases: dict) -> list[dict]:
-    """Per P, the largest ``start x 2^k`` total length whose step fits in the budget.  P = 1
+    """Per P, the largest ``start x 2^k`` total length whose step fits in the budget, refined by bisection.  P = 1
     starts at ``--start``; a larger P at the previous P's largest T (memory grows with T, so
     the lengths below it need no run when it fits), halving while that does not fit."""
     rows, previous = [], None
@@ -429,6 +430,19 @@ def budget_rows(args, cases: dict) -> list[dict]:
                     stop = over_text(2 * best, case)
                 else:
                     best, last = 2 * best, case
+        if best is not None and stop is not None and stop.startswith("budget"):
+            # Bisect between the largest fitting length and the first one over budget, so the
+            # growth with P is not hidden by the doubling grid.
+            high = min(int(t.rstrip("x")) for t in tried if t.endswith("x") and int(t.rstrip("x")) > best)
+            for _ in range(args.refine):
+                middle = (best + high) // 2 // 1024 * 1024
+                if middle <= best:
+                    break
+                case, over = measure(middle)
+                if over:
+                    high, stop = middle, over_text(middle, case)
+                else:
+                    best, last = middle, case
         previous = best
         rows.append({"part": "budget", "P": world, "largest T": best or "-",
                      "peak MB": last["peak_bytes"] / MB if last else "-",
@@ -495,6 +509,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=264)
     p.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before a case's ranks are killed")
+    p.add_argument("--refine", type=int, default=2,
+                   help="bisection steps between the largest fitting T and the first over budget")
     p.add_argument("--no-budget", action="store_true", help="only the fixed-length part")
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, help=argparse.SUPPRESS)
