@@ -21,6 +21,21 @@ def run(tmp_path_factory):
     return out
 
 
+def test_stream_eval_compares_policies(run, tmp_path, capsys):
+    corpus = run.parent / "corpus"
+    args = ["stream-eval", str(run), "--data", str(corpus), "--sinks", "2", "--window", "14", "--tokens", "121",
+            "--segment", "40", "--quiet"]
+    assert main([*args, "--cache", "dense,window,sinks,recompute", "--out", str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    assert all(p in table for p in ("dense", "window", "sinks", "recompute"))
+    assert {f.name for f in (tmp_path / "out").iterdir()} == {"stream.png", "stream.md", "stream.json"}
+    assert main([*args, "--cache", "sinks", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["sinks"]
+    assert result["tokens"] == 120 and [s["end"] - s["start"] for s in result["segments"]] == [40, 40, 40]
+    assert main([*args, "--cache", "sinks,lru"]) == 2
+    assert "unknown stream policies ['lru']" in capsys.readouterr().err
+
+
 def test_generate_with_sinks_streams_past_the_window(run, capsys):
     capsys.readouterr()
     gen = ["generate", str(run), "--temperature", "0", "--prompt", "def f"]

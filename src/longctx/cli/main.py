@@ -149,6 +149,34 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_eval(args: argparse.Namespace) -> int:
+    """Token-by-token NLL over one long stream under each cache policy: a table of
+    perplexity, ms/token and memory per segment, and with ``--out`` a chart and JSON."""
+    from longctx.data import encode_corpus
+    from longctx.eval import plot_stream, stream_compare, stream_table
+    from longctx.train.runs import load_run
+
+    _, model, tokenizer, _ = load_run(args.run, args.checkpoint)
+    _need_tokenizer(tokenizer, args.run)
+    tokens, _ = encode_corpus(args.data, tokenizer)
+    ids = torch.as_tensor(tokens[: args.tokens], dtype=torch.long)
+    policies = [p.strip() for p in args.cache.split(",") if p.strip()]
+    results = stream_compare(model, ids, policies, sinks=args.sinks, window=args.window, segment=args.segment,
+                             max_len=args.max_len, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({name: r.to_dict() for name, r in results.items()}))
+    else:
+        print(stream_table(results, "text"))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stream.json").write_text(json.dumps({n: r.to_dict() for n, r in results.items()}, indent=1))
+        (out / "stream.md").write_text(stream_table(results, "markdown") + "\n")
+        chart = plot_stream(results, out / "stream.png", title=f"{args.run}: {len(ids):,} tokens")
+        print(f"wrote {out / 'stream.md'}, {out / 'stream.json'}" + (f", {chart}" if chart else ""), file=sys.stderr)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from longctx.train.checkpoint import list_checkpoints
     from longctx.train.runs import load_run
@@ -196,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--sequence-parallel", type=int, metavar="P",
                    help="split each sequence over P processes (launch with torchrun --nproc_per_node P)")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, trains=True)
 
     def session_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("run", help="run directory, or a Hugging Face checkpoint directory")
@@ -243,6 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="run directory to create")
     p.set_defaults(func=_import_hf)
 
+    p = sub.add_parser("stream-eval", help="perplexity over one long stream under KV-cache policies (StreamingLLM)")
+    p.add_argument("run", help="run directory, or a Hugging Face checkpoint directory")
+    p.add_argument("--data", required=True, help="file, folder or glob; its documents make one stream")
+    p.add_argument("--cache", default="sinks,recompute",
+                   help="policies, comma-separated: dense, window, sinks, recompute (attention models), "
+                        "state (recurrent models); default sinks,recompute")
+    p.add_argument("--sinks", type=int, default=4, help="sink tokens (default 4)")
+    p.add_argument("--window", type=int, default=1020,
+                   help="recent tokens; window and recompute use sinks + window in all, like sinks")
+    p.add_argument("--tokens", type=int, default=None, help="stream only the first N tokens")
+    p.add_argument("--segment", type=int, default=256, help="tokens per reported segment")
+    p.add_argument("--max-len", type=int, default=None, help="dense: stop after this many tokens")
+    p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+    p.add_argument("--out", help="directory for stream.png (perplexity against position), stream.md, stream.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_stream_eval)
+
     p = sub.add_parser("info", help="describe a run: config, parameters, checkpoints, results")
     p.add_argument("run", help="run directory")
     p.set_defaults(func=_info)
@@ -252,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with torch.inference_mode(args.command != "train"):
+        with torch.inference_mode(not getattr(args, "trains", False)):
             return args.func(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
