@@ -10,15 +10,12 @@ the text it encodes and strips it when decoding; here the first token of a text 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
-import numpy as np
-
 from .errors import DataError
-from .tokenizer import BPE_FILE, CONFIG_FILE, _byte_alphabet, _BytesTable, _import_tokenizers
+from .tokenizer import BPE_FILE, CONFIG_FILE, _byte_alphabet, _HFBacked, _import_tokenizers
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -75,7 +72,7 @@ def _token_name(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class HFTokenizer(_BytesTable):
+class HFTokenizer(_HFBacked):
     """Any Hugging Face ``tokenizer.json`` with the bos/eos tokens of its ``tokenizer_config.json``.
 
     ``add_bos`` says whether the tokenizer itself starts each text with bos (Llama does,
@@ -137,16 +134,3 @@ class HFTokenizer(_BytesTable):
         path = directory / CONFIG_FILE
         path.write_text(json.dumps(config, indent=2) + "\n")
         return path
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; no special tokens are added."""
-        return self._hf.encode(text, add_special_tokens=False).ids
-
-    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        """``encode`` for many texts at once, as numpy arrays."""
-        encode_batch = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encode_batch(texts, add_special_tokens=False)]
-
-    def digest(self) -> str:
-        """Identifies this exact tokenizer (for dataset fingerprints)."""
-        return hashlib.sha256(self._hf.to_str().encode()).hexdigest()

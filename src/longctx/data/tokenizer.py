@@ -128,7 +128,27 @@ def _import_tokenizers():
     return tokenizers
 
 
-class BPETokenizer(_BytesTable):
+class _HFBacked(_BytesTable):
+    """Encoding through a wrapped `tokenizers.Tokenizer` (``self._hf``)."""
+
+    _hf: object
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no special tokens are added."""
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode` for many texts at once (in parallel), as numpy arrays: the fast path for corpora."""
+        # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets.
+        encode_batch = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encode_batch(texts, add_special_tokens=False)]
+
+    def digest(self) -> str:
+        """Identifies this exact tokenizer (for dataset fingerprints)."""
+        return hashlib.sha256(self._hf.to_str().encode()).hexdigest()
+
+
+class BPETokenizer(_HFBacked):
     """Byte-level BPE (any text round-trips) wrapping a `tokenizers.Tokenizer`."""
 
     kind = "bpe"
@@ -204,20 +224,6 @@ class BPETokenizer(_BytesTable):
         path = directory / BPE_FILE
         self._hf.save(str(path))
         return path
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no special tokens are added."""
-        return self._hf.encode(text, add_special_tokens=False).ids
-
-    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        """`encode` for many texts at once (in parallel), as numpy arrays: the fast path for corpora."""
-        # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets.
-        encode_batch = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encode_batch(texts, add_special_tokens=False)]
-
-    def digest(self) -> str:
-        """Identifies this exact tokenizer (for dataset fingerprints)."""
-        return hashlib.sha256(self._hf.to_str().encode()).hexdigest()
 
 
 Tokenizer = ByteTokenizer | BPETokenizer  # or data.hf_tokenizer.HFTokenizer (kind "hf")
