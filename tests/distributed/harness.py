@@ -26,6 +26,9 @@ def _child(rank: int, world: int, tmp: str, fn, args) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
+        # Every rank finishes connecting before any may run, fail fast and close its
+        # sockets (which would break a peer still inside init_process_group).
+        dist.barrier()
         result = fn(rank, world, *args)
         torch.save(result, path / f"result{rank}.pt")
     except BaseException:
