@@ -23,12 +23,13 @@ LAYER_SETS = {
     "mamba2": ["mamba2", "mamba2"],
     "mamba2-groups": ["mamba2"],
     "hybrid": ["mamba", "attention", "mamba2"],
+    "mamba-time-invariant": ["mamba", "mamba"],
 }
 
 
 @pytest.mark.parametrize("name", list(LAYER_SETS))
 def test_decode_and_chunked_prefill_match_full_forward(name):
-    extra = {"ssm_groups": 2} if name == "mamba2-groups" else {}
+    extra = {"mamba2-groups": {"ssm_groups": 2}, "mamba-time-invariant": {"ssm_selective": False}}.get(name, {})
     model = _model(LAYER_SETS[name], **extra)
     ids = torch.randint(0, 40, (2, 29), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -125,3 +126,17 @@ def test_state_from_other_weights_is_refused_and_reset_starts_afresh(tmp_path):
     state.reset()
     assert state.seq_len == 0 and not state.extra
     torch.testing.assert_close(generate(a, [5, 6], 4, temperature=0, state=state), generate(a, [5, 6], 4, temperature=0))
+
+
+def test_time_invariant_mamba_has_constant_step_b_c_that_learn():
+    """ssm_selective = False: no input-dependent projections; the SSM's step, B and C are
+    parameters, and gradients reach them."""
+    model = _model(["mamba"], ssm_selective=False).train()
+    mixer = model.blocks[0].mixer
+    assert not hasattr(mixer, "x_proj") and not hasattr(mixer, "dt_proj")
+    assert mixer.B.shape == mixer.C.shape == (8,) and mixer.dt_bias.shape == (64,)
+    model(torch.randint(0, 40, (2, 12))).square().mean().backward()
+    for p in (mixer.B, mixer.C, mixer.dt_bias, mixer.A_log):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    selective = _model(["mamba"])
+    assert model.num_parameters() < selective.num_parameters()

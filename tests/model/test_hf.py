@@ -89,6 +89,10 @@ def test_to_hf_refuses_what_hf_cannot_hold(tmp_path):
     model = LanguageModel(ModelConfig(vocab_size=50, d_model=32, layers=["mamba", "attention"], n_heads=2))
     with pytest.raises(HFCheckpointError, match="pure Mamba or Mamba-2"):
         to_hf(model, tmp_path / "out")
+    invariant = LanguageModel(ModelConfig(vocab_size=50, d_model=32, layers=["mamba"], mlp_hidden=0,
+                                          ssm_selective=False))
+    with pytest.raises(HFCheckpointError, match="time-invariant"):
+        to_hf(invariant, tmp_path / "out")
 
 
 def test_import_hf_run_keeps_attention_settings(tmp_path):

@@ -54,6 +54,10 @@ class Mamba(nn.Module):
     (dt, B, C); dt -> dt_proj; selective scan with A = -exp(A_log), D, gate silu(z),
     softplus(dt + bias); out_proj.  With an ``SSMState`` the conv tail and the SSM state
     carry over, so pieces of any length give the output of one pass; one token costs O(1).
+
+    ``config.ssm_selective = False`` gives the time-invariant ablation: no x_proj / dt_proj;
+    the step is softplus(``dt_bias``) per channel and ``B``, ``C`` ``(state,)`` are learned
+    constants, so the layer cannot choose what to remember (selective copying fails).
     """
 
     def __init__(self, config, layer_idx: int) -> None:
@@ -64,8 +68,14 @@ class Mamba(nn.Module):
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=config.ssm_bias)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.kernel, groups=self.d_inner,
                                 bias=config.ssm_conv_bias)
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.selective = config.ssm_selective
+        if self.selective:
+            self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+            self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        else:
+            self.dt_bias = nn.Parameter(torch.empty(self.d_inner))
+            self.B = nn.Parameter(torch.empty(self.d_state))
+            self.C = nn.Parameter(torch.empty(self.d_state))
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.A_log.no_weight_decay = self.D.no_weight_decay = True
@@ -76,12 +86,18 @@ class Mamba(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The paper's init: S4D-real A, D = 1, dt bias = softplus^-1 of log-uniform steps,
-        dt_proj weight U(+-dt_rank^-0.5), the conv as PyTorch initialises it."""
+        dt_proj weight U(+-dt_rank^-0.5), the conv as PyTorch initialises it; time-invariant
+        B, C ~ N(0, 1 / state)."""
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
         self.D.fill_(1.0)
-        bound = self.dt_rank**-0.5
-        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
-        self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, *self.dt_init))
+        if self.selective:
+            bound = self.dt_rank**-0.5
+            nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+            self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, *self.dt_init))
+        else:
+            self.dt_bias.copy_(inverse_softplus_dt(self.d_inner, *self.dt_init))
+            nn.init.normal_(self.B, std=self.d_state**-0.5)
+            nn.init.normal_(self.C, std=self.d_state**-0.5)
         self.conv1d.reset_parameters()
 
     def init_state(self, batch_size: int, max_len: int | None = None) -> SSMState:
@@ -89,18 +105,22 @@ class Mamba(nn.Module):
 
     def forward(self, x: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
         batch, time, _ = x.shape
-        if state is not None and time == 1 and state.ssm is not None:
+        if state is not None and time == 1 and state.ssm is not None and self.selective:
             return self.out_proj(self._decode(self.in_proj(x)[:, 0], state)[:, None])
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         conv_prefix = None if state is None else state.conv
         xs, new_prefix = self.conv(xs.transpose(1, 2), conv_prefix)
         xs = F.silu(xs).transpose(1, 2)  # (batch, time, d_inner)
-        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # bias goes in as delta_bias (added in fp32)
+        if self.selective:
+            dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            dt = F.linear(dt, self.dt_proj.weight)  # bias goes in as delta_bias (added in fp32)
+            dt_bias = self.dt_proj.bias
+        else:  # the step is softplus(dt_bias) alone
+            dt, dt_bias = xs.new_zeros(batch, time, self.d_inner), self.dt_bias
+            B, C = (p.to(xs.dtype).expand(batch, time, -1) for p in (self.B, self.C))
         A = -torch.exp(self.A_log.float())
         h0 = None if state is None else state.ssm
-        y, h = self.scan(xs, dt, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True,
-                         initial_state=h0)
+        y, h = self.scan(xs, dt, A, B, C, D=self.D, z=z, delta_bias=dt_bias, delta_softplus=True, initial_state=h0)
         if state is not None:
             state.update(new_prefix, h, time)
         return self.out_proj(y)

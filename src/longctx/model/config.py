@@ -66,6 +66,9 @@ class ModelConfig:
     ssm_chunk: int = 64  # mamba2: chunk length of the SSD algorithm
     ssm_bias: bool = False  # biases of the in/out projections
     ssm_conv_bias: bool = True
+    # mamba: False makes the SSM time-invariant (S4D-like, the baseline of the Mamba paper's
+    # selectivity ablations): step size, B and C are learned constants, not functions of the input.
+    ssm_selective: bool = True
     # LongNet dilated attention ("dilated"): segment lengths w and dilation rates r, the
     # paper's set by default (longctx.ops.dilated.dilated_patterns builds geometric ones).
     dilated_segments: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768])
@@ -165,7 +168,7 @@ class ModelConfig:
                 raise ConfigError(f"model.rope_scaling 'dynamic' needs head_dim > 2; got {self.head_dim}")
         if self.context_len is not None:
             positive("context_len")
-        for name in ("attn_bias", "attn_out_bias"):
+        for name in ("attn_bias", "attn_out_bias", "ssm_selective"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} must be true or false; got {getattr(self, name)!r}")
         if self.attn_window is not None:

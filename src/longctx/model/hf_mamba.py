@@ -74,6 +74,9 @@ def ignored(hf_name: str) -> bool:
 
 def write_config(c: ModelConfig) -> dict[str, Any]:
     kinds = set(c.layers)
+    if not c.ssm_selective and "mamba" in kinds:
+        raise HFCheckpointError("to_hf cannot write a time-invariant Mamba (model.ssm_selective = false): "
+                                "Hugging Face's MambaForCausalLM is selective only")
     if kinds == {"mamba"} and not c.mlp_hidden:
         hf = {"architectures": ["MambaForCausalLM"], "model_type": "mamba", "intermediate_size": c.ssm_expand * c.d_model,
               "time_step_rank": c.ssm_dt_rank, "tie_word_embeddings": c.tie_embeddings}
