@@ -49,6 +49,15 @@ def test_generate_eval_info(tmp_path, tiny_corpus, capsys):
     assert main(["eval", str(run), "--data", str(tiny_corpus / "mod0.py"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] > 0 and result["bpb"] > 0
+    assert main(["eval", str(run), "--data", str(tiny_corpus / "mod0.py"), "--seq-len", "16", "--by-position"]) == 0
+    text = capsys.readouterr().out
+    assert "     1-1 " in text and "     8-15 " in text and "    16-16 " in text
+    assert (run / "loss_by_position.png").is_file()
+    assert main(["eval", str(run), "--data", str(tiny_corpus / "mod0.py"), "--by-position", "--json",
+                 "--plot", str(tmp_path / "p.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["by_position"]) == 32 and (tmp_path / "p.png").is_file()
+    assert sum(result["by_position"]) / 32 == pytest.approx(result["loss"], rel=1e-6)
     assert main(["info", str(run)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["latest_checkpoint"] == "step_000008" and info["summary"]["step"] == 8

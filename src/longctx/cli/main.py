@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from longctx.cli.tasks import add_task_commands
 from longctx.data import DataError
 from longctx.model import ConfigError
 from longctx.train.checkpoint import CheckpointError
@@ -129,6 +130,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from longctx.data import encode_corpus, iter_windows
     from longctx.eval import evaluate_loss
+    from longctx.eval.perplexity import plot_loss_by_position, position_bins
     from longctx.train.runs import load_run
 
     cfg, model, tokenizer, path = load_run(args.run, args.checkpoint)
@@ -137,15 +139,30 @@ def _eval(args: argparse.Namespace) -> int:
     if args.max_tokens:
         tokens = tokens[: args.max_tokens + 1]
     seq_len = args.seq_len or cfg.train.seq_len
-    result = evaluate_loss(model, iter_windows(tokens, seq_len, args.batch_size), tokenizer.token_bytes())
+    result = evaluate_loss(model, iter_windows(tokens, seq_len, args.batch_size), tokenizer.token_bytes(),
+                           by_position=args.by_position)
     result.update(checkpoint=str(path), data=args.data, seq_len=seq_len)
+    by_position = result.pop("by_position", None)
+    chart = None
+    if by_position is not None:
+        chart = Path(args.plot) if args.plot else Path(args.run) / "loss_by_position.png"
+        chart = plot_loss_by_position(by_position, chart, title=f"{args.run}: loss against position "
+                                                                f"({result['tokens']:,} tokens)")
+        result["by_position"] = [float(v) for v in by_position]
+        result["position_bins"] = [{"first": a, "last": b, "loss": loss} for a, b, loss in position_bins(by_position)]
     if args.json:
         print(json.dumps(result))
-    else:
-        print(
-            f"{result['tokens']:,} tokens at context {seq_len}: loss {result['loss']:.4f} nats/token, "
-            f"perplexity {result['ppl']:.3f}, {result['bpb']:.4f} bits/byte"
-        )
+        return 0
+    print(
+        f"{result['tokens']:,} tokens at context {seq_len}: loss {result['loss']:.4f} nats/token, "
+        f"perplexity {result['ppl']:.3f}, {result['bpb']:.4f} bits/byte"
+    )
+    if by_position is not None:
+        print("positions      loss (nats/token)")
+        for row in result["position_bins"]:
+            print(f"{row['first']:>6}-{row['last']:<7} {row['loss']:.4f}")
+        if chart is not None:
+            print(f"plot: {chart}")
     return 0
 
 
@@ -263,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+    p.add_argument("--by-position", action="store_true",
+                   help="also the loss at each position of the context (does more context help?), with a plot")
+    p.add_argument("--plot", help="--by-position: where to write the plot (default RUN/loss_by_position.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
 
@@ -292,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a run: config, parameters, checkpoints, results")
     p.add_argument("run", help="run directory")
     p.set_defaults(func=_info)
+    add_task_commands(sub)
     return parser
 
 

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from longctx.cache.kv import KVCache
 from longctx.cache.model_state import ModelState
 from longctx.cache.sink import SinkKVCache
+from longctx.plotting import pyplot, save_figure
 
 POLICIES = ("dense", "window", "sinks", "recompute", "state")
 CACHE_POLICIES = ("dense", "window", "sinks", "recompute")  # models with attention layers
@@ -473,15 +474,11 @@ def plot_stream(results: dict[str, StreamResult], path, *, timing: bool = True, 
     line where a policy stopped at its limit), plus panels of ms/token (log y), the process's
     RSS and the state's cache size (MiB), as a PNG.  Needs matplotlib
     (``pip install 'longctx[plot]'``); without it, warn and return None."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, NullFormatter
-    except ImportError:
-        warnings.warn("matplotlib is not installed, so no stream plot was drawn; pip install 'longctx[plot]'")
+    plt = pyplot("stream plot")
+    if plt is None:
         return None
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     panels = [("ppl", "perplexity per segment", True)]
     if timing:
         panels.append(("ms", "ms / token", True))
@@ -517,7 +514,4 @@ def plot_stream(results: dict[str, StreamResult], path, *, timing: bool = True, 
     axes["ppl"].set_title(title or "streaming perplexity")
     axes["ppl"].legend()
     list(axes.values())[-1].set(xlabel="tokens streamed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
+
+from longctx.plotting import pyplot, save_figure
 
 
 class MetricsLog:
@@ -46,13 +47,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def plot_loss(metrics_path: Path, out_path: Path, baseline_bpb: float | None = None) -> Path | None:
     """Training loss and validation bits per byte against step, as a PNG.  Needs matplotlib
     (``pip install 'longctx[plot]'``); without it, warn and return None."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed, so no loss curve was drawn; pip install 'longctx[plot]'")
+    plt = pyplot("loss curve")
+    if plt is None:
         return None
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -69,7 +65,4 @@ def plot_loss(metrics_path: Path, out_path: Path, baseline_bpb: float | None = N
     ax_bpb.legend()
     for ax in (ax_loss, ax_bpb):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)

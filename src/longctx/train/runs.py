@@ -56,7 +56,13 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
         if checkpoint is not None:
             raise CheckpointError(f"{run_dir} is a Hugging Face checkpoint, not a run: it has no --checkpoint choice")
         return load_hf_checkpoint(run_dir)
-    cfg = RunConfig.from_dict(read_run_config(run_dir))
+    values = read_run_config(run_dir)
+    from longctx.train.tasks import RUN_KIND as TASK_RUN
+
+    if values.get("kind") == TASK_RUN:
+        raise ConfigError(f"{run_dir} is a synthetic-task run (longctx task train), not a language-model run; "
+                          f"evaluate it with: longctx task eval {run_dir}")
+    cfg = RunConfig.from_dict(values)
     if checkpoint is None:
         path = latest_checkpoint(run_dir)
         if path is None:
