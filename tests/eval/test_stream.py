@@ -194,8 +194,9 @@ def test_sinks_memory_stays_constant_over_many_windows_and_dense_grows():
     ids = _ids(200)  # 20 windows
     sinks = stream_nll(model, ids, cache="sinks", sinks=2, window=8, segment=20)
     sizes = {s.cache_bytes for s in sinks.segments}
-    # 2 layers x (k, v) x storage of 2 * (2 + 8) positions x 2 kv heads x head_dim 8 x fp32
-    assert sizes == {2 * 2 * 20 * 2 * 8 * 4}
+    # 2 layers x ((k, v) x storage of 2 * (2 + 8) positions + the 2 sinks' keys as first cached)
+    # x 2 kv heads x head_dim 8 x fp32
+    assert sizes == {2 * (2 * 20 + 2) * 2 * 8 * 4}
     rss = [s.rss_bytes for s in sinks.segments]
     if rss_bytes() is not None:  # Linux
         assert all(x > 0 for x in rss) and max(rss[1:]) - rss[1] < 16 * 2**20

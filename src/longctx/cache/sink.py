@@ -3,7 +3,14 @@ of the stream plus a window of the most recent ones, in constant memory."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# Version of what state_dict's keys mean: 2 = as the layer gave them (RoPE: rotated at their
+# stream positions), the sinks as first cached.  Version 1 (no "format" entry) held keys before
+# RoPE; its files cannot be continued.
+STATE_FORMAT = 2
 
 
 class SinkKVCache:
@@ -11,9 +18,13 @@ class SinkKVCache:
     ``window`` tokens, ``(batch, kept, kv_heads, head_dim)`` with ``kept = min(seq_len,
     n_sink + window)``; ``n_sink = 0`` is plain window attention.
 
-    Keys are stored before RoPE: the layer rotates them at their positions inside the cache
-    (``positions()``, ``0 .. kept - 1``) at every step, as the paper does, because a key's
-    position changes as older tokens are evicted.
+    Keys are stored as the layer gives them.  With RoPE the layer rotates each token once,
+    at its position in the stream: the window's distances to a query are the same inside the
+    cache as in the stream.  Only the sinks' distance to the window changes as tokens are
+    evicted; ``update(..., shift_sinks=f)`` rewrites the sinks' rows of the returned keys as
+    ``f(sinks as first cached, evicted)`` (the layer rotates them on by the number of evicted
+    tokens), so positions are those inside the cache (paper §3.2) at O(n_sink) per step
+    instead of re-rotating every kept key.
 
     Cache order is sinks first, then the window oldest to newest, and ``update`` returns it
     as one contiguous slice of storage (no copy).  Storage holds ``2 * (n_sink + window)``
@@ -32,6 +43,7 @@ class SinkKVCache:
         self.batch_size, self.n_sink, self.window = batch_size, n_sink, window
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        self._sink_k: torch.Tensor | None = None  # the sinks' keys as first cached, once eviction began
         self._lo = self._end = 0  # the kept tokens are storage[_lo:_end], in cache order
         self.seq_len = 0  # tokens seen
 
@@ -40,10 +52,19 @@ class SinkKVCache:
         """The most tokens kept: ``n_sink + window``."""
         return self.n_sink + self.window
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add ``k``, ``v`` ``(batch, time, kv_heads, head_dim)`` (keys unrotated); return the
-        kept keys and values ``(batch, kept, kv_heads, head_dim)`` in cache order, the new
-        tokens last.  They are views of the storage, valid until the next update.
+    @property
+    def evicted(self) -> int:
+        """Tokens dropped from between the sinks and the window so far."""
+        return self.seq_len - (self._end - self._lo)
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, shift_sinks: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``k``, ``v`` ``(batch, time, kv_heads, head_dim)``; return the kept keys and
+        values ``(batch, kept, kv_heads, head_dim)`` in cache order, the new tokens last.
+        They are views of the storage, valid until the next update.  Once tokens have been
+        evicted, ``shift_sinks(sink_keys, evicted)`` (if given) gives the sinks' rows of the
+        returned keys from their keys as first cached ``(batch, n_sink, kv_heads, head_dim)``.
 
         Several tokens at once only while they fit without eviction (a prompt shorter than
         the cache): each query of a longer chunk would need its own window.
@@ -66,11 +87,9 @@ class SinkKVCache:
         self._v[:, self._end : self._end + new] = v
         self._end += new
         self.seq_len += new
+        if shift_sinks is not None and self._sink_k is not None:
+            self._k[:, self._lo : self._lo + self.n_sink] = shift_sinks(self._sink_k, self.evicted)
         return self._k[:, self._lo : self._end], self._v[:, self._lo : self._end]
-
-    def positions(self, device=None) -> torch.Tensor:
-        """Positions ``(kept,)`` of the kept tokens inside the cache, ``0 .. kept - 1``."""
-        return torch.arange(self._end - self._lo, device=device)
 
     def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.shape[0] != self.batch_size:
@@ -93,6 +112,8 @@ class SinkKVCache:
         """Drop the oldest window token (just after the sinks), leaving the kept slice
         contiguous with room for one token at its end."""
         n, lo = self.n_sink, self._lo
+        if self._sink_k is None and n:
+            self._sink_k = self._k[:, lo : lo + n].clone()  # rows about to be shifted are still as cached
         room = self._end < self._k.shape[1]
         for buf in (self._k, self._v):
             if room:
@@ -107,20 +128,24 @@ class SinkKVCache:
         self._lo, self._end = (lo + 1, self._end) if room else (0, self.capacity - 1)
 
     def reset(self) -> None:
-        self._k = self._v = None
+        self._k = self._v = self._sink_k = None
         self._lo = self._end = self.seq_len = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The kept keys (unrotated) and values in cache order, the tokens seen and the
-        policy.  The entries are named unlike ``KVCache``'s so that a dense cache never
-        takes them for keys at positions ``0 .. kept - 1``."""
+        """The kept keys (the sinks' as first cached) and values in cache order, the tokens
+        seen, the policy and the format.  The entries are named unlike ``KVCache``'s so that
+        a dense cache never takes them for keys at positions ``0 .. kept - 1``."""
         if self._k is None:
             return {}
+        kept_k = self._k[:, self._lo : self._end].clone()
+        if self._sink_k is not None:
+            kept_k[:, : self.n_sink] = self._sink_k
         return {
-            "kept_k": self._k[:, self._lo : self._end].clone(),
+            "kept_k": kept_k,
             "kept_v": self._v[:, self._lo : self._end].clone(),
             "seq_len": torch.tensor(self.seq_len),
             "policy": torch.tensor([self.n_sink, self.window]),
+            "format": torch.tensor(STATE_FORMAT),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -130,6 +155,9 @@ class SinkKVCache:
         if "kept_k" not in state:
             raise ValueError(f"saved layer state (entries {sorted(state)}) is not a sink cache's; load it with "
                              "the cache options it was made with (e.g. cache='dense')")
+        if int(state.get("format", 1)) != STATE_FORMAT:
+            raise ValueError("this sink-cache session was saved by an earlier longctx, whose cache held keys before "
+                             "RoPE; it cannot be continued by this version: start a new session")
         n_sink, window = (int(x) for x in state["policy"])
         if (n_sink, window) != (self.n_sink, self.window):
             raise ValueError(f"saved sink cache keeps {n_sink} sinks + window {window}; this one {self.n_sink} + "
@@ -144,3 +172,5 @@ class SinkKVCache:
         self._k[:, : k.shape[1]] = k
         self._v[:, : v.shape[1]] = v
         self._end, self.seq_len = k.shape[1], seq_len
+        if self.evicted and self.n_sink:
+            self._sink_k = k[:, : self.n_sink].clone()

@@ -23,8 +23,8 @@ class Attention(nn.Module):
     to everything cached; prefill of many tokens and a one-token step are one code path.
     With a ``SinkKVCache`` (``init_state(cache="sinks")`` or ``"window"``), new tokens attend
     to the kept tokens only and positions are counted inside the cache (StreamingLLM §3.2):
-    RoPE rotates the kept keys at ``0 .. kept - 1`` and the new queries at the last of
-    these; ALiBi measures distances in cache order.
+    with RoPE, distances are those between positions ``0 .. kept - 1`` in cache order (see
+    ``_attend_in_cache``); ALiBi measures distances in cache order.
 
     ``model.attn_window`` (sliding-window attention, Mistral) limits each query to itself
     and the ``attn_window - 1`` tokens before it; a ``KVCache`` then drops the keys no later
@@ -113,13 +113,27 @@ class Attention(nn.Module):
         return rope(x, positions, self.rope_theta, scaling=self.rope_scaling, seq_len=seq_len)
 
     def _attend_in_cache(self, q, k, v, state: SinkKVCache) -> torch.Tensor:
-        """Attention of the new tokens to a sink cache, at positions inside the cache: keys
-        are cached unrotated because each step shifts the window's positions by one."""
-        k, v = state.update(k, v)
-        if self.pos == "rope":
-            positions = state.positions(q.device)
-            q = self._rope(q, positions[-q.shape[1] :], len(positions))
-            k = self._rope(k, positions, len(positions))
+        """Attention of the new tokens to a sink cache, at positions inside the cache.
+
+        RoPE scores depend on distances only, so new queries and keys are rotated once, at
+        their positions in the stream: a window key's distance to a query is the same in the
+        stream as in the cache.  A sink's is not (the tokens between them were evicted): the
+        cache rotates the sinks on by the number of evicted tokens (``shift_sinks``), which
+        puts them at positions ``0 .. n_sink - 1`` of a cache whose window follows them.
+        So a step rotates O(n_sink) keys, not every kept one; the fp64 angles of
+        ``longctx.ops.rope`` keep stream positions in the millions exact."""
+        if self.pos != "rope":
+            k, v = state.update(k, v)
+            return self.attend(q, k, v, 0, state)
+        time = q.shape[1]
+        span = min(state.seq_len + time, state.capacity)  # the cache's length after this update
+        positions = self.positions(state.seq_len, time, q.device)
+        q, k = self._rope(q, positions, span), self._rope(k, positions, span)
+
+        def shift_sinks(sinks: torch.Tensor, evicted: int) -> torch.Tensor:
+            return self._rope(sinks, torch.full((sinks.shape[1],), evicted, device=sinks.device), span)
+
+        k, v = state.update(k, v, shift_sinks)
         return self.attend(q, k, v, 0, state)
 
     # Seams that sequence parallelism (longctx.distributed) replaces on an instance.
