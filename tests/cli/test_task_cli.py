@@ -22,15 +22,17 @@ def test_train_then_eval_json(tmp_path, capsys):
 
 def test_compare_writes_the_report(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--task", "induction", "--presets", "attention,mamba", "--out", str(out), "--quiet",
-                 "--lengths", "24,48", "--examples", "4", "--eval-minutes", "5", *TINY]) == 0
+    assert main(["compare", "--task", "induction", "--presets", "attention,mamba:lr=0.002", "--out", str(out),
+                 "--quiet", "--lengths", "24,48", "--examples", "4", "--eval-minutes", "5", *TINY]) == 0
     text = (out / "report.md").read_text()
-    assert "| attention |" in text and "| mamba |" in text and "training time" in text
+    assert "| attention |" in text and "| mamba:lr=0.002 |" in text and "training time" in text
+    assert "| 0.003 |" in text and "| 0.002 |" in text  # each preset's peak learning rate
     assert (out / "accuracy.png").is_file()
     results = json.loads((out / "results.json").read_text())
-    assert [r["label"] for r in results["runs"]] == ["attention", "mamba"]
+    assert [r["label"] for r in results["runs"]] == ["attention", "mamba:lr=0.002"]
     assert set(results["runs"][1]["accuracy"]) == {"24", "48"}
-    assert (out / "attention" / "summary.json").is_file() and (out / "mamba" / "checkpoints").is_dir()
+    assert (out / "attention" / "summary.json").is_file() and (out / "mamba_lr-0.002" / "checkpoints").is_dir()
+    assert json.loads((out / "mamba_lr-0.002" / "config.json").read_text())["task"]["lr"] == 0.002
     assert "report:" in capsys.readouterr().out
 
 

@@ -79,7 +79,9 @@ def test_overrides_and_preset_specs():
                              ["task.pairs=4", "task.lr=0.01", "model.ssm_state=4"])
     cfg = TaskConfig.from_dict(values)
     assert cfg.options["pairs"] == 4 and cfg.lr == 0.01 and cfg.model_config().ssm_state == 4
-    assert parse_preset("mamba:ssm_state=64:d_model=32") == ("mamba", {"ssm_state": 64, "d_model": 32})
+    assert parse_preset("mamba:ssm_state=64:d_model=32") == ("mamba", {"ssm_state": 64, "d_model": 32}, {})
+    assert parse_preset("mamba2:lr=0.003:ssm_state=16:steps=10") == ("mamba2", {"ssm_state": 16},
+                                                                      {"lr": 0.003, "steps": 10})
     with pytest.raises(ConfigError, match="unknown preset"):
         parse_preset("s4")
     with pytest.raises(ConfigError, match="sections are"):

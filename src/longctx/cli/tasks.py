@@ -166,7 +166,8 @@ def add_task_commands(sub) -> None:
     p.add_argument("--task", required=True, help=f"one of {tasks}")
     p.add_argument("--presets", default=",".join(FAMILIES),
                    help=f"comma-separated from {presets} (s4d: time-invariant mamba); NAME:key=value adds "
-                        f"model overrides (mamba:ssm_state=4); default {','.join(FAMILIES)}")
+                        "model or training overrides to one (mamba:ssm_state=4:lr=0.003); "
+                        f"default {','.join(FAMILIES)}")
     p.add_argument("--out", required=True, help="directory for the report and one run per preset")
     p.add_argument("--train-len", type=int, help="training length (default: the task's)")
     p.add_argument("--steps", type=int, help="training steps of each preset (default: the task's)")

@@ -78,10 +78,11 @@ def depth_table(by_depth: dict, lengths: Sequence[int]) -> str:
 
 
 def runs_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Per preset: layers, parameters, steps, training and evaluation wall time, tokens/s."""
-    lines = ["| preset | layers | parameters | steps | training time | training tokens/s | evaluation time | "
+    """Per preset: layers, parameters, steps, peak learning rate, training and evaluation wall
+    time, tokens/s."""
+    lines = ["| preset | layers | parameters | steps | peak lr | training time | training tokens/s | evaluation time | "
              "evaluation tokens/s (longest evaluated) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         steps = row.get("steps")
         planned = row.get("steps_planned")
@@ -95,7 +96,7 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
         layers = row.get("layers")
         lines.append("| " + " | ".join([
             str(row["label"]), ", ".join(layers) if layers else "-", "-" if params is None else f"{params:,}",
-            steps_text, _duration(row.get("train_seconds")),
+            steps_text, "-" if row.get("lr") is None else f"{row['lr']:g}", _duration(row.get("train_seconds")),
             "-" if row.get("train_tokens_per_s") is None else f"{row['train_tokens_per_s']:,.0f}",
             _duration(row.get("eval_seconds")), eval_rate,
         ]) + " |")

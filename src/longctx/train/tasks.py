@@ -141,19 +141,24 @@ def check_task(task: str) -> str:
     return task
 
 
-def parse_preset(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"mamba"`` -> ``("mamba", {})``; ``"mamba:ssm_state=64:d_model=128"`` -> the preset and
-    model overrides (values read as TOML: numbers, booleans, lists; else strings)."""
+def parse_preset(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``"mamba"`` -> ``("mamba", {}, {})``; ``"mamba:ssm_state=64:lr=0.003"`` -> the preset,
+    its model overrides and its training overrides (keys that are ``TaskConfig`` training
+    fields: ``lr``, ``steps``, ``warmup``, ...; values read as TOML: numbers, booleans,
+    lists; else strings).  Architectures learn best at different settings (Zoology sweeps
+    the learning rate per model), so a comparison can give each its own."""
     from longctx.train.config import parse_override
 
     name, *pairs = spec.strip().split(":")
     _check(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} "
-                            "(optionally with model overrides: mamba:ssm_state=64)")
-    overrides: dict[str, Any] = {}
+                            "(optionally with model or training overrides: mamba:ssm_state=64:lr=0.003)")
+    model: dict[str, Any] = {}
+    training: dict[str, Any] = {}
     for pair in pairs:
         _check("=" in pair, f"preset {spec!r}: expected NAME:key=value[:key=value...]; got {pair!r}")
-        overrides.update(parse_override(f"model.{pair}")["model"])
-    return name, overrides
+        ((key, value),) = parse_override(f"model.{pair}")["model"].items()
+        (training if key in TRAINING_FIELDS else model)[key] = value
+    return name, model, training
 
 
 @dataclass
@@ -299,6 +304,11 @@ def apply_overrides(cfg_values: dict[str, Any], overrides: list[str]) -> dict[st
         else:
             raise ConfigError(f"--set {text!r}: sections are 'task' (options and training fields) and 'model'")
     return values
+
+
+# TaskConfig fields a preset spec may set for one preset of a comparison.
+TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TaskConfig)
+                        if f.name not in ("task", "preset", "options", "model", "seed"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -629,17 +639,18 @@ def compare(
     check_task(task)
     _check(bool(presets), f"no presets given; choose from {', '.join(PRESETS)}")
     specs = [(p, *parse_preset(p)) for p in presets]
-    labels = [label for label, _, _ in specs]
+    labels = [spec[0] for spec in specs]
     _check(len(set(labels)) == len(labels), f"presets repeat: {', '.join(labels)}")
     lengths = list(TASK_DEFAULTS[task].eval_lengths) if lengths is None else list(lengths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Build (and so validate) every config before the first, long, training starts.
     configs = {}
-    for label, name, model_overrides in specs:
+    for label, name, model_overrides, training_overrides in specs:
         values = {"task": task, "preset": name, "train_len": train_len, "steps": steps}
         values = apply_overrides(values, list(overrides))
         values["model"] = {**values["model"], **model_overrides}
+        values.update(training_overrides)
         configs[label] = TaskConfig.from_dict(values)
         check_lengths(task, configs[label].options, lengths)
     machine_start = machine_info()
@@ -666,6 +677,7 @@ def compare(
             "eval_seconds": time.perf_counter() - t1, "wall_seconds_session": time.perf_counter() - t0,
             "accuracy": ev["accuracy"], "by_depth": ev.get("by_depth"), "eval_seconds_by_length": ev["seconds"],
             "eval_tokens_per_s": ev["tokens_per_s"], "train_len": cfg.train_len, "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
         })
     any_cfg = next(iter(configs.values()))
     meta = {"task": task, "options": any_cfg.options, "train_len": any_cfg.train_len, "lengths": lengths,
