@@ -140,12 +140,18 @@ def main() -> None:
     for t, r in ours.items():
         r["x faster than sdpa"] = dense[t]["s"] / r["s"] if t in dense else "-"
     growth = [ours[2 * t]["s"] / ours[t]["s"] for t in sorted(ours) if 2 * t in ours]
+    # The attended pairs grow faster than 2x where patterns longer than T still cover all of
+    # T (their cost is quadratic in T / r): the floor of time(2T)/time(T) at constant speed.
+    segments, rates = dilated_patterns(args.patterns_for, args.first_segment)
+    work = [attended_pairs(2 * t, args.heads, segments, rates) / attended_pairs(t, args.heads, segments, rates)
+            for t in sorted(ours) if 2 * t in ours]
     longest = max(ours) if ours else 0
     extra = {
         "heads x head_dim": f"{args.heads} x {args.head_dim}",
-        "patterns": "segments {} with rates {}".format(*dilated_patterns(args.patterns_for, args.first_segment)),
+        "patterns": f"segments {segments} with rates {rates}",
         "matmul GFLOP/s": round(peak_gflops),
         "dilated time(2T)/time(T)": ", ".join(f"{g:.2f}" for g in growth),
+        "attended pairs(2T)/pairs(T)": ", ".join(f"{w:.2f}" for w in work),
         "target time(2T)/time(T) <= 2.2": ("MET" if growth and max(growth) <= 2.2 else "MISSED") if growth else "n/a",
         f"longest T run: {longest}, peak GiB": round(ours[longest]["peak GiB"], 2) if ours else "-",
         "target 1M forward within 20 GiB": ("MET" if 1048576 in ours and ours[1048576]["peak GiB"] <= 20 else
