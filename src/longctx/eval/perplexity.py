@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longctx.plotting import pyplot, save_figure
+from longctx.eval.plotting import pyplot, save_figure
 
 
 @torch.no_grad()

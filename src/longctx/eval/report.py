@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from longctx.plotting import pyplot, save_figure
+from longctx.eval.plotting import pyplot, save_figure
 
 
 def format_length(n: int) -> str:

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from longctx.cache.kv import KVCache
 from longctx.cache.model_state import ModelState
 from longctx.cache.sink import SinkKVCache
-from longctx.plotting import pyplot, save_figure
+from longctx.eval.plotting import pyplot, save_figure
 
 POLICIES = ("dense", "window", "sinks", "recompute", "state")
 CACHE_POLICIES = ("dense", "window", "sinks", "recompute")  # models with attention layers

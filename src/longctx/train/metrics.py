@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from longctx.plotting import pyplot, save_figure
+from longctx.eval.plotting import pyplot, save_figure
 
 
 class MetricsLog:
