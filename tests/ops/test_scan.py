@@ -95,6 +95,27 @@ def test_channel_blocks(channels, groups):
     _compare(_inputs(batch=1, time=33, channels=channels, groups=groups, seed=channels), True)
 
 
+def test_decays_beyond_the_fast_range_and_non_finite_inputs():
+    """The kernel's unclamped _decay runs only for chunks (16 steps) x 16 channels whose
+    exponents |delta' A log2 e| stay <= 125; elsewhere the clamping exp2 (underflow to 0).
+    Both in one scan, values and gradients; NaN and inf in delta spread as in the reference."""
+    xs = _inputs(batch=1, time=70, channels=40, seed=12)
+    xs[2] = xs[2].clone()
+    xs[2][3] *= 40.0  # channel 3: |A| up to ~900, so exponents beyond 125 at delta' > ~0.1
+    xs[1] = xs[1].clone()
+    xs[1][:, 20:30, 17:19] += 8.0  # delta' ~ 8 in one chunk: exponents up to ~200 for channels 17-18
+    _compare(xs, True)
+    u, delta, A, B, C = [x.clone() for x in xs[:5]]
+    delta[0, 40, 5], delta[0, 50, 9], A[30, 2] = float("nan"), float("inf"), float("-inf")
+    y, h = selective_scan(u, delta, A, B, C, delta_softplus=True)
+    y_ref, h_ref = selective_scan_ref(u.double(), delta.double(), A.double(), B.double(), C.double(),
+                                      delta_softplus=True)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(h.isnan(), h_ref.isnan())
+    assert y.isnan().any() and not y[:, :, :5].isnan().any()
+    finite = ~y_ref.isnan()
+    _close(y[finite], y_ref[finite], "finite part of y")
+
+
 def test_step_by_step_equals_scan():
     xs = _inputs(time=9, groups=2, seed=3)
     u, delta, A, B, C, D, z, bias, h = xs

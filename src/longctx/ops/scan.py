@@ -292,6 +292,7 @@ if _nb is not None:
     _Q = (_f32(1.0), _f32(0.6931471824645996), _f32(0.24022650718688965), _f32(0.05550327152013779),
           _f32(0.009618056938052177), _f32(0.0013400427997112274), _f32(0.00015461444854736328))
     _Y_LO, _Y_HI = _f32(-127.0), _f32(128.0)
+    _FAST_LIM = _f32(125.0)  # |exponent| for _decay; 125, not 126: the check rounds d a2 first
     # log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3] for e in [0, 1]: 2 s sum s^2k / (2k+1)
     _L = tuple(_f32(1.0 / (2 * k + 1)) for k in range(8))
     _I127, _I23, _I1 = _np.int32(127), _np.int32(23), _np.int32(1)
@@ -427,6 +428,23 @@ if _nb is not None:
         return p * _bits_to_f32(_f32_to_bits(kb) << _I23)
 
     @_jit(inline="always", **_JIT)
+    def _decay(d, a2):
+        """2^(d a2) for |d a2| <= _FAST_LIM (_steps_in checks it): 11 vector operations.
+
+        One fma rounds the exact product d a2 to the integer k (as _exp2, in the low bits of
+        kb = d a2 + _MAGIC_127), a second gives f = d a2 - k from the exact product again, so
+        d a2 is never rounded on its own.  In range 2^k is a normal number: no clamping."""
+        kb = _fma(d, a2, _MAGIC_127)
+        f = _fma(d, a2, _MAGIC_127 - kb)  # _MAGIC_127 - kb = -k exactly
+        p = _fma(_Q[6], f, _Q[5])
+        p = _fma(p, f, _Q[4])
+        p = _fma(p, f, _Q[3])
+        p = _fma(p, f, _Q[2])
+        p = _fma(p, f, _Q[1])
+        p = _fma(p, f, _Q[0])
+        return p * _bits_to_f32(_f32_to_bits(kb) << _I23)
+
+    @_jit(inline="always", **_JIT)
     def _sigmoid(x):
         return _ONE / (_ONE + _exp(-x))
 
@@ -466,11 +484,19 @@ if _nb is not None:
     # so for finite inputs they add exact zeros to the lane sums of dB and dC.
 
     @_jit(**_JIT)
-    def _steps_in(dl, u, D, bias, softplus, b, t0, L, c0, w, dts, dus, ys, sgs):
+    def _steps_in(dl, u, D, bias, softplus, b, t0, L, c0, w, dts, dus, ys, sgs, span, bad, fast):
         """Chunk steps t0:t0+L: dts = delta', dus = delta' u, ys = D u (where y accumulates);
-        with softplus and a non-empty sgs also sgs = d delta' / d delta = sigmoid(delta + bias)."""
+        with softplus and a non-empty sgs also sgs = d delta' / d delta = sigmoid(delta + bias).
+
+        fast[s] = whether _decay may run for sub-block s in this chunk: every exponent
+        delta' A log2 e in [-_FAST_LIM, _FAST_LIM].  span (w,) = each channel's max
+        |A log2 e| (NaN when one is not finite), so |delta'| span <= _FAST_LIM bounds them
+        all; NaN or infinite delta' or A fail it (then the clamping _exp2 runs).  Counted
+        per channel into the scratch bad (w,) inside the long vector loop."""
         _wide_vectors()
         _no_overlap()
+        for c in range(w):
+            bad[c] = _ZERO
         for j in range(L):
             dr, ur = dl[b, t0 + j, c0:c0 + w], u[b, t0 + j, c0:c0 + w]
             dv, xv, yv = dts[j], dus[j], ys[j]
@@ -487,9 +513,15 @@ if _nb is not None:
             for c in range(w):
                 xv[c] = dv[c] * ur[c]
                 yv[c] = D[c] * ur[c]
+                bad[c] += _ZERO if abs(dv[c]) * span[c] <= _FAST_LIM else _ONE
+        for s in range(fast.shape[0]):
+            ok = True
+            for c in range(s * _LANES, min(w, (s + 1) * _LANES)):
+                ok = ok and bad[c] == _ZERO
+            fast[s] = ok
 
     @_jit(**_JIT)
-    def _scan_block(A2, h, Bm, Cm, b, g, t0, L, s, dts, dus, ys):
+    def _scan_block(A2, fast, h, Bm, Cm, b, g, t0, L, s, dts, dus, ys):
         """The recurrence over chunk steps t0:t0+L for sub-block s: updates its state h
         (state, lane) in place and accumulates sum_n C h into ys (step, sub-block, lane).
         A2 = A log2 e (state, lane).  Inner loops of exactly _LANES: one vector each, with
@@ -502,10 +534,16 @@ if _nb is not None:
             dv, xv, yv = dts[j, s], dus[j, s], ys[j, s]
             for n in range(N):
                 bn, cn, hn, an = br[n], cr[n], h[n], A2[n]
-                for c in range(_LANES):
-                    hv = _fma(_exp2(dv[c] * an[c]), hn[c], xv[c] * bn)
-                    hn[c] = hv
-                    yv[c] = _fma(cn, hv, yv[c])
+                if fast:
+                    for c in range(_LANES):
+                        hv = _fma(_decay(dv[c], an[c]), hn[c], xv[c] * bn)
+                        hn[c] = hv
+                        yv[c] = _fma(cn, hv, yv[c])
+                else:
+                    for c in range(_LANES):
+                        hv = _fma(_exp2(dv[c] * an[c]), hn[c], xv[c] * bn)
+                        hn[c] = hv
+                        yv[c] = _fma(cn, hv, yv[c])
 
     @_jit(**_JIT)
     def _steps_out(z, has_z, b, t0, L, c0, w, ys, y):
@@ -523,16 +561,33 @@ if _nb is not None:
                     yr[c] = yv[c]
 
     @_jit(**_JIT)
+    def _zeros64(shape):
+        """fp32 zeros of ``shape`` starting on a 64-byte boundary.  numba's own arrays start
+        32 bytes into a cache line, so every 512-bit access to them would straddle two lines
+        (two L1 accesses, and slow split stores): ~10% of the kernel's time."""
+        n = 1
+        for d in shape:
+            n *= d
+        raw = _np.zeros(n + _LANES, _np.float32)
+        off = (-(raw.ctypes.data // 4)) % _LANES
+        return raw[off:off + n].reshape(shape)
+
+    @_jit(**_JIT)
     def _block_constants(A, c0, w, nsub):
-        """A and A log2 e of the item as (sub-block, state, lane), zero padded."""
+        """A and A2 = A log2 e of the item as (sub-block, state, lane), zero padded, and for
+        _steps_in each channel's max |A2| over the states (w,; NaN when not finite)."""
         N = A.shape[1]
-        At = _np.zeros((nsub, N, _LANES), _np.float32)
-        A2 = _np.zeros((nsub, N, _LANES), _np.float32)
+        At = _zeros64((nsub, N, _LANES))
+        A2 = _zeros64((nsub, N, _LANES))
+        span = _np.zeros(w, _np.float32)
         for c in range(w):
+            s, lane = c // _LANES, c % _LANES
             for n in range(N):
-                At[c // _LANES, n, c % _LANES] = A[c0 + c, n]
-                A2[c // _LANES, n, c % _LANES] = A[c0 + c, n] * _LOG2E
-        return At, A2
+                At[s, n, lane] = A[c0 + c, n]
+                A2[s, n, lane] = A[c0 + c, n] * _LOG2E
+            top = _np.max(_np.abs(A2[s, :, lane]))
+            span[c] = top if _np.isfinite(top) else _np.nan
+        return At, A2, span
 
     @_jit(**_JIT)
     def _state_in(x, c0, w, h):
@@ -555,23 +610,26 @@ if _nb is not None:
         T = u.shape[1]
         N = A.shape[1]
         nsub = (w + _LANES - 1) // _LANES
-        _, A2 = _block_constants(A, c0, w, nsub)
-        h = _np.zeros((nsub, N, _LANES), _np.float32)
+        _, A2, span = _block_constants(A, c0, w, nsub)
+        h = _zeros64((nsub, N, _LANES))
         if has_h0:
             _state_in(h0[b], c0, w, h)
-        bufs = _np.zeros((3, K, nsub * _LANES), _np.float32)  # zeros: the padding lanes stay 0
+        bufs = _zeros64((3, K, nsub * _LANES))  # zeros: the padding lanes stay 0
         dts, dus, ys = bufs[0], bufs[1], bufs[2]
         bufs3 = bufs.reshape((3, K, nsub, _LANES))  # the same, by sub-block
         dts3, dus3, ys3 = bufs3[0], bufs3[1], bufs3[2]
         no_sg = _np.empty((0, 0), _np.float32)
+        bad = _np.empty(w, _np.float32)
+        fast = _np.empty(nsub, _np.bool_)
         for k in range((T + K - 1) // K):
             t0 = k * K
             L = min(K, T - t0)
             if save_ck:
                 _state_out(h, c0, w, ck[b, k].T)
-            _steps_in(dl, u, D[c0:c0 + w], bias[c0:c0 + w], softplus, b, t0, L, c0, w, dts, dus, ys, no_sg)
+            _steps_in(dl, u, D[c0:c0 + w], bias[c0:c0 + w], softplus, b, t0, L, c0, w, dts, dus, ys, no_sg, span, bad,
+                      fast)
             for s in range(nsub):
-                _scan_block(A2[s], h[s], Bm, Cm, b, g, t0, L, s, dts3, dus3, ys3)
+                _scan_block(A2[s], fast[s], h[s], Bm, Cm, b, g, t0, L, s, dts3, dus3, ys3)
             _steps_out(z, has_z, b, t0, L, c0, w, ys, y)
         _state_out(h, c0, w, hT[b])
 
@@ -605,33 +663,49 @@ if _nb is not None:
                 gs[c] = _ZERO
 
     @_jit(inline="always", **_JIT)
-    def _rescan_step(A2, br, cr, dv, xv, gy, yv, hp, hn, dec, pC):
-        """One step of _rescan_block: hn = state after it from hp before it, dec = its decays
-        (state, lane); yv += sum_n C h; pC (state, lane) += gy h, dC's partial sums."""
+    def _rescan_step(A2, fast, br, cr, dv, xv, gy, yv, h, hn, dec, pC):
+        """One step of _rescan_block: updates the running state h in place and copies it to
+        hn, dec = its decays (state, lane); yv += sum_n C h; pC (state, lane) += gy h, dC's
+        partial sums.  The decays as in _scan_block (fast: _decay).  The running state stays
+        in one place, as in _scan_block: reading it from the previous step's hs row instead
+        made this loop ~1.4x slower."""
         for n in range(A2.shape[0]):
-            bn, cn, hpn, hnn, an, decn, pCn = br[n], cr[n], hp[n], hn[n], A2[n], dec[n], pC[n]
-            for c in range(_LANES):
-                e = _exp2(dv[c] * an[c])
-                decn[c] = e
-                hv = _fma(e, hpn[c], xv[c] * bn)
-                hnn[c] = hv
-                yv[c] = _fma(cn, hv, yv[c])
-                pCn[c] = _fma(gy[c], hv, pCn[c])
+            bn, cn, hv_, hnn, an, decn, pCn = br[n], cr[n], h[n], hn[n], A2[n], dec[n], pC[n]
+            if fast:
+                for c in range(_LANES):
+                    e = _decay(dv[c], an[c])
+                    decn[c] = e
+                    hv = _fma(e, hv_[c], xv[c] * bn)
+                    hv_[c] = hv
+                    hnn[c] = hv
+                    yv[c] = _fma(cn, hv, yv[c])
+                    pCn[c] = _fma(gy[c], hv, pCn[c])
+            else:
+                for c in range(_LANES):
+                    e = _exp2(dv[c] * an[c])
+                    decn[c] = e
+                    hv = _fma(e, hv_[c], xv[c] * bn)
+                    hv_[c] = hv
+                    hnn[c] = hv
+                    yv[c] = _fma(cn, hv, yv[c])
+                    pCn[c] = _fma(gy[c], hv, pCn[c])
 
     @_jit(**_JIT)
-    def _rescan_block(A2, h0, Bm, Cm, b, g, t0, L, s, dts, dus, gys, ys, hs, decs, accC):
+    def _rescan_block(A2, fast, h0, h, Bm, Cm, b, g, t0, L, s, dts, dus, gys, ys, hs, decs, accC):
         """_scan_block again from the chunk's first state h0, keeping what backward needs:
         hs[j] = state before step t0 + j (j <= L), decs[j] = decay of step t0 + j, both
         (state, lane); ys accumulates sum_n C h (y before the gate) and accC (step, state,
-        lane) the lane partial sums of dC = sum gy h (per lane, over sub-blocks)."""
+        lane) the lane partial sums of dC = sum gy h (per lane, over sub-blocks).  h (state,
+        lane): scratch for the running state."""
         _wide_vectors()
         _no_overlap()
         N = A2.shape[0]
         for n in range(N):
             for c in range(_LANES):
                 hs[0, n, c] = h0[n, c]
+                h[n, c] = h0[n, c]
         for j in range(L):
-            _rescan_step(A2, Bm[b, t0 + j, g], Cm[b, t0 + j, g], dts[j, s], dus[j, s], gys[j, s], ys[j, s], hs[j],
+            _rescan_step(A2, fast, Bm[b, t0 + j, g], Cm[b, t0 + j, g], dts[j, s], dus[j, s], gys[j, s], ys[j, s], h,
                          hs[j + 1], decs[j], accC[j])
 
     @_jit(inline="always", **_JIT)
@@ -712,33 +786,36 @@ if _nb is not None:
         T = u.shape[1]
         N = A.shape[1]
         nsub = (w + _LANES - 1) // _LANES
-        At, A2 = _block_constants(A, c0, w, nsub)
-        dh = _np.zeros((nsub, N, _LANES), _np.float32)  # gradient of the state after the current step
+        At, A2, span = _block_constants(A, c0, w, nsub)
+        dh = _zeros64((nsub, N, _LANES))  # gradient of the state after the current step
         _state_in(dhT[b], c0, w, dh)
-        dAa = _np.zeros((nsub, N, _LANES), _np.float32)
-        h0 = _np.zeros((nsub, N, _LANES), _np.float32)
+        dAa = _zeros64((nsub, N, _LANES))
+        h0 = _zeros64((nsub, N, _LANES))
         dDa = _np.zeros(w, _np.float32)
         dba = _np.zeros(w, _np.float32)
-        bufs = _np.zeros((9, K, nsub * _LANES), _np.float32)  # zeros: the padding lanes stay 0
+        bufs = _zeros64((9, K, nsub * _LANES))  # zeros: the padding lanes stay 0
         dts, dus, ys, sgs, gys, sig_z, gus, gqs, gss = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], bufs[5], bufs[6], \
             bufs[7], bufs[8]
         bufs3 = bufs.reshape((9, K, nsub, _LANES))  # the same, by sub-block
         dts3, dus3, ys3, gys3, gqs3, gss3 = bufs3[0], bufs3[1], bufs3[2], bufs3[4], bufs3[7], bufs3[8]
-        hs = _np.zeros((K + 1, N, _LANES), _np.float32)
-        decs = _np.empty((K, N, _LANES), _np.float32)
-        accB = _np.empty((K, N, _LANES), _np.float32)
-        accC = _np.empty((K, N, _LANES), _np.float32)
+        hs = _zeros64((K + 1, N, _LANES))
+        h = _zeros64((N, _LANES))
+        decs = _zeros64((K, N, _LANES))
+        accB = _zeros64((K, N, _LANES))
+        accC = _zeros64((K, N, _LANES))
         Dv, bv = D[c0:c0 + w], bias[c0:c0 + w]
+        bad = _np.empty(w, _np.float32)
+        fast = _np.empty(nsub, _np.bool_)
         for k in range((T + K - 1) // K - 1, -1, -1):
             t0 = k * K
             L = min(K, T - t0)
             _state_in(ck[b, k].T, c0, w, h0)
-            _steps_in(dl, u, Dv, bv, softplus, b, t0, L, c0, w, dts, dus, ys, sgs)
+            _steps_in(dl, u, Dv, bv, softplus, b, t0, L, c0, w, dts, dus, ys, sgs, span, bad, fast)
             _grads_in(dy, u, z, Dv, has_z, b, t0, L, c0, w, gys, sig_z, gus, gqs, gss, dDa)
             accB[:] = _ZERO
             accC[:] = _ZERO
             for s in range(nsub):
-                _rescan_block(A2[s], h0[s], Bm, Cm, b, g, t0, L, s, dts3, dus3, gys3, ys3, hs, decs, accC)
+                _rescan_block(A2[s], fast[s], h0[s], h, Bm, Cm, b, g, t0, L, s, dts3, dus3, gys3, ys3, hs, decs, accC)
                 _reverse_block(At[s], dh[s], dAa[s], Bm, Cm, b, g, t0, L, s, dts3, dus3, gys3, hs, decs, gqs3, gss3,
                                accB)
             _grads_out(dy, u, z, has_z, softplus, b, t0, L, c0, w, ys, sig_z, sgs, dts, gus, gqs, gss, du, ddl, dz, dba)
