@@ -26,9 +26,13 @@ Three implementations, chosen inside ``selective_scan`` from the device:
   array arguments (no run-time overlap checks; accumulators stay in registers).  numba's
   libm ``exp`` does not vectorise (no SVML), so exp is an inlined polynomial that LLVM
   vectorises: the decays use ``exp(dt A) = 2^(dt (A log2 e))`` (degree-6 polynomial, 1.4
-  ulp, results below 2^-126 flushed to 0, which also keeps slow subnormals out of the
-  recurrence); softplus, sigmoid and silu use a Cody-Waite exp (1.4 ulp down to
-  subnormals).  Training stores only the inputs and the state every ``_CKPT`` steps;
+  ulp).  Where a chunk's exponents all lie within +-125 (checked per chunk and sub-block
+  from each channel's largest |A|, so almost always), ``_decay`` takes 11 vector
+  operations: two fmas give the integer and fractional parts from the exact product, no
+  clamping.  Elsewhere ``_exp2`` clamps (results below 2^-126 flushed to 0, which also
+  keeps slow subnormals out of the recurrence; NaN and inf pass through).  softplus,
+  sigmoid and silu use a Cody-Waite exp (1.4 ulp down to subnormals).  The kernel's
+  buffers start on 64-byte boundaries (numba's start 32 bytes in: split accesses).  Training stores only the inputs and the state every ``_CKPT`` steps;
   backward, per chunk and sub-block, recomputes the states from the chunk's checkpoint
   (the paper's recomputation trick) and walks them in reverse.  Gradients of B and C sum
   over the channels of a group: per lane over an item's sub-blocks, then over the 16
@@ -525,7 +529,8 @@ if _nb is not None:
         """The recurrence over chunk steps t0:t0+L for sub-block s: updates its state h
         (state, lane) in place and accumulates sum_n C h into ys (step, sub-block, lane).
         A2 = A log2 e (state, lane).  Inner loops of exactly _LANES: one vector each, with
-        y kept in a register across the states."""
+        y kept in a register across the states.  fast: every decay exponent of the chunk is
+        in _decay's range (_steps_in's check), else the clamping _exp2."""
         _wide_vectors()
         _no_overlap()
         N = A2.shape[0]
