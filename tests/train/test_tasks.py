@@ -115,6 +115,33 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(x, y), name
 
 
+def test_state_passing_carries_the_state_and_resumes_exactly(tmp_path):
+    """With task.state_passing each step starts from the last step's final state: the first
+    step equals a run without it and later ones differ; the carried state is checkpointed, so
+    a resumed run equals an uninterrupted one (which fails if the carry is not restored)."""
+    cfg = tiny("induction", "mamba", steps=6, state_passing=True)
+    full, split, plain = tmp_path / "full", tmp_path / "split", tmp_path / "plain"
+    train_task(cfg, full, progress=False, log=lambda m: None)
+    train_task(cfg, split, stop_at=3, progress=False, log=lambda m: None)
+    train_task(cfg, split, resume=True, progress=False, log=lambda m: None)
+    assert _timeless(_records(split)) == _timeless(_records(full))
+    _, a, _ = load_task_run(full)
+    _, b, _ = load_task_run(split)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    train_task(tiny("induction", "mamba", steps=6), plain, progress=False, log=lambda m: None)
+    carried = [r["loss"] for r in _records(full) if "loss" in r]
+    fresh = [r["loss"] for r in _records(plain) if "loss" in r]
+    assert carried[0] == fresh[0] and carried[1:] != fresh[1:]  # untrained, the carried state moves losses ~1e-6
+
+
+def test_state_passing_needs_recurrent_layers():
+    for preset in ("attention", "hybrid", "longnet"):
+        with pytest.raises(ConfigError, match="state_passing needs a model whose layers are all recurrent"):
+            tiny("induction", preset, state_passing=True)
+    assert tiny("induction", "mamba2", state_passing=True).state_passing
+
+
 def test_budget_stops_and_saves(tmp_path):
     cfg = tiny("induction", steps=1000)
     result = train_task(cfg, tmp_path / "run", budget_minutes=1e-6, progress=False, log=lambda m: None)

@@ -86,10 +86,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoints/step_{step}`` atomically, point ``latest`` at it, prune old ones.
 
-    Without an optimizer (an imported model) only weights and trainer state are written."""
+    Without an optimizer (an imported model) only weights and trainer state are written.
+    ``extra_tensors`` (training state beside the weights, e.g. carried recurrent states) go
+    to ``extra.safetensors``; ``load_extra_tensors`` reads them back."""
     root = checkpoint_dir(Path(run_dir))
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -101,6 +104,8 @@ def save_checkpoint(
             tensors, rest = _optimizer_tensors(optimizer)
             tensors["torch_rng_state"] = torch.get_rng_state()
             save_file(tensors, tmp / "optimizer.safetensors")
+        if extra_tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, tmp / "extra.safetensors")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state, "optimizer": rest}, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -200,6 +205,11 @@ def load_checkpoint(
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"optimizer state in {path} does not fit this model: {e}") from None
     return trainer
+
+
+def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The ``extra_tensors`` saved with checkpoint ``path`` (empty when it has none)."""
+    return _load_safetensors(path / "extra.safetensors") if (path / "extra.safetensors").exists() else {}
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from longctx.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_extra_tensors,
     load_model_weights,
     read_run_config,
     save_checkpoint,
@@ -67,6 +68,7 @@ RUN_KIND = "task"
 # (model.ssm_selective = false), the Mamba paper's baseline for selective copying.
 FAMILIES = ("attention", "longnet", "mamba", "mamba2", "hybrid")
 PRESETS = FAMILIES + ("s4d",)
+RECURRENT_LAYERS = ("mamba", "mamba2")  # mixers whose whole past is a fixed-size state (task.state_passing)
 TASK_NAMES = tuple(TASKS)
 
 
@@ -188,6 +190,13 @@ class TaskConfig:
     # within 500 steps of batch 16 at length 256 on induction heads).
     start_len: int | str | None = "default"  # "default": the task's (TASK_DEFAULTS); 0 or None: off
     grow_every: int = 75
+    # Recurrent models only: each training sequence starts from the final state of the
+    # sequence in the same batch row one step before (detached), not from zeros, so training
+    # meets the states of long histories that evaluation far beyond train_len reaches (the
+    # "state passing" of Buitrago Ruiz & Gu, "Understanding and Improving Length
+    # Generalization in Recurrent Models", 2025).  Steps whose batch size differs from the
+    # step before (the length curriculum) start from zeros.
+    state_passing: bool = False
     eval_every: int = 100  # validation accuracy at train_len every this many steps
     val_examples: int = 64
     save_every: int = 100
@@ -225,6 +234,7 @@ class TaskConfig:
         _check(self.lr > 0, f"task.lr must be positive; got {self.lr}")
         _check(self.weight_decay >= 0, f"task.weight_decay must be >= 0; got {self.weight_decay}")
         _check(self.grad_clip >= 0, f"task.grad_clip must be >= 0 (0 disables); got {self.grad_clip}")
+        _check(isinstance(self.state_passing, bool), f"task.state_passing must be true or false; got {self.state_passing!r}")
         allowed = task_options(self.task)
         unknown = sorted(set(self.options) - set(allowed))
         _check(not unknown, f"unknown option(s) {', '.join(unknown)} for task {self.task!r}; "
@@ -239,7 +249,11 @@ class TaskConfig:
             self.start_len = min(max(self.start_len, shortest), self.train_len)
         # The generator checks the options' values (vocab, pairs, digits).
         make_batch(self.task, 1, shortest, seed=0, **self.train_options())
-        self.model_config()  # model overrides are checked now, not after training started
+        layers = self.model_config().layers  # model overrides are checked now, not after training started
+        if self.state_passing:
+            other = sorted(set(layers) - set(RECURRENT_LAYERS))
+            _check(not other, f"task.state_passing needs a model whose layers are all recurrent "
+                              f"({', '.join(RECURRENT_LAYERS)}); preset {self.preset!r} has {', '.join(other)} layers")
 
     def train_options(self) -> dict[str, Any]:
         return dict(self.options)
@@ -477,12 +491,16 @@ def train_task(
     model = LanguageModel(cfg.model_config())
     optimizer = make_optimizer(model, tc)
     step, seconds_before, compute_seconds = 0, 0.0, 0.0
+    carry = None  # state passing: the last step's final state, detached (ModelState)
     if resume:
         ckpt = latest_checkpoint(run_dir)
         trainer = load_checkpoint(ckpt, model, optimizer)
         step = trainer["step"]
         seconds_before = float(trainer.get("train_seconds", 0.0))
         compute_seconds = float(trainer.get("compute_seconds", 0.0))
+        if cfg.state_passing and trainer.get("carry_batch"):
+            carry = model.init_state(trainer["carry_batch"])
+            carry.load_state_dict(load_extra_tensors(ckpt))
         log(f"resumed from {ckpt} at step {step}")
     start_step = step
     write_task_config(run_dir, cfg)
@@ -501,8 +519,8 @@ def train_task(
     def checkpoint() -> None:
         save_checkpoint(run_dir, step, model, optimizer,
                         {"seed": cfg.seed, "data_position": step, "train_seconds": train_seconds(),
-                         "compute_seconds": compute_seconds},
-                        cfg.keep_checkpoints)
+                         "compute_seconds": compute_seconds, "carry_batch": carry and carry.batch_size},
+                        cfg.keep_checkpoints, extra_tensors=carry and carry.state_dict())
 
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     budget = None if budget_minutes is None else budget_minutes * 60.0
@@ -520,8 +538,14 @@ def train_task(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = _train_batch(cfg, step)
-            loss, n_correct = task_loss(model(x), y)
+            state = None
+            if cfg.state_passing:
+                state = carry if carry is not None and carry.batch_size == x.shape[0] else model.init_state(x.shape[0])
+            loss, n_correct = task_loss(model(x, state), y)
             loss.backward()
+            if state is not None:  # the next step starts here, without this step's graph
+                carry = model.init_state(x.shape[0])
+                carry.load_state_dict(state.state_dict())
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss became {loss_value} at step {step + 1}; lower task.lr "
