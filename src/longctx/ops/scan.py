@@ -411,6 +411,21 @@ if _nb is not None:
         return (p * s1) * s2
 
     @_jit(inline="always", **_JIT)
+    def _horner(c, x):
+        """c[0] + c[1] x + ... + c[-1] x^(len(c) - 1), one fma per coefficient (a loop of
+        constant length over a constant tuple: LLVM unrolls it into the same fma chain)."""
+        p = c[len(c) - 1]
+        for k in range(len(c) - 2, -1, -1):
+            p = _fma(p, x, c[k])
+        return p
+
+    @_jit(inline="always", **_JIT)
+    def _scaled_pow2(f, kb):
+        """2^f 2^k for f in [-1/2, 1/2] and kb = k + _MAGIC_127 (k + 127 in its low bits):
+        the degree-6 polynomial, then the scale made by one shift of kb's bits."""
+        return _horner(_Q, f) * _bits_to_f32(_f32_to_bits(kb) << _I23)
+
+    @_jit(inline="always", **_JIT)
     def _exp2(y):
         """float32 2^y for the decays (the hot loop): 11 vector operations after the clamp.
 
@@ -422,14 +437,7 @@ if _nb is not None:
         yc = _Y_LO if y < _Y_LO else y  # comparisons written so that NaN passes through
         yc = _Y_HI if yc > _Y_HI else yc
         kb = yc + _MAGIC_127
-        f = yc - (kb - _MAGIC_127)  # exact, in [-1/2, 1/2]
-        p = _fma(_Q[6], f, _Q[5])
-        p = _fma(p, f, _Q[4])
-        p = _fma(p, f, _Q[3])
-        p = _fma(p, f, _Q[2])
-        p = _fma(p, f, _Q[1])
-        p = _fma(p, f, _Q[0])
-        return p * _bits_to_f32(_f32_to_bits(kb) << _I23)
+        return _scaled_pow2(yc - (kb - _MAGIC_127), kb)  # f exact, in [-1/2, 1/2]
 
     @_jit(inline="always", **_JIT)
     def _decay(d, a2):
@@ -439,14 +447,7 @@ if _nb is not None:
         kb = d a2 + _MAGIC_127), a second gives f = d a2 - k from the exact product again, so
         d a2 is never rounded on its own.  In range 2^k is a normal number: no clamping."""
         kb = _fma(d, a2, _MAGIC_127)
-        f = _fma(d, a2, _MAGIC_127 - kb)  # _MAGIC_127 - kb = -k exactly
-        p = _fma(_Q[6], f, _Q[5])
-        p = _fma(p, f, _Q[4])
-        p = _fma(p, f, _Q[3])
-        p = _fma(p, f, _Q[2])
-        p = _fma(p, f, _Q[1])
-        p = _fma(p, f, _Q[0])
-        return p * _bits_to_f32(_f32_to_bits(kb) << _I23)
+        return _scaled_pow2(_fma(d, a2, _MAGIC_127 - kb), kb)  # _MAGIC_127 - kb = -k exactly
 
     @_jit(inline="always", **_JIT)
     def _sigmoid(x):
@@ -457,15 +458,7 @@ if _nb is not None:
         """log(1 + e) for e in [0, 1] by the atanh series: s = e / (2 + e) in [0, 1/3],
         log1p(e) = 2 s sum_k s^2k / (2k+1) (~2 ulp)."""
         s = e / (_TWO + e)
-        s2 = s * s
-        p = _fma(_L[7], s2, _L[6])
-        p = _fma(p, s2, _L[5])
-        p = _fma(p, s2, _L[4])
-        p = _fma(p, s2, _L[3])
-        p = _fma(p, s2, _L[2])
-        p = _fma(p, s2, _L[1])
-        p = _fma(p, s2, _L[0])
-        return _TWO * s * p
+        return _TWO * s * _horner(_L, s * s)
 
     @_jit(inline="always", **_JIT)
     def _softplus(x):
