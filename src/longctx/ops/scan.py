@@ -661,6 +661,16 @@ if _nb is not None:
                 gs[c] = _ZERO
 
     @_jit(inline="always", **_JIT)
+    def _rescan_lane(e, c, bn, cn, xv, gy, yv, h, hn, dec, pC):
+        """Lane c of one state of _rescan_step, with its decay e."""
+        dec[c] = e
+        hv = _fma(e, h[c], xv[c] * bn)
+        h[c] = hv
+        hn[c] = hv
+        yv[c] = _fma(cn, hv, yv[c])
+        pC[c] = _fma(gy[c], hv, pC[c])
+
+    @_jit(inline="always", **_JIT)
     def _rescan_step(A2, fast, br, cr, dv, xv, gy, yv, h, hn, dec, pC):
         """One step of _rescan_block: updates the running state h in place and copies it to
         hn, dec = its decays (state, lane); yv += sum_n C h; pC (state, lane) += gy h, dC's
@@ -671,22 +681,10 @@ if _nb is not None:
             bn, cn, hv_, hnn, an, decn, pCn = br[n], cr[n], h[n], hn[n], A2[n], dec[n], pC[n]
             if fast:
                 for c in range(_LANES):
-                    e = _decay(dv[c], an[c])
-                    decn[c] = e
-                    hv = _fma(e, hv_[c], xv[c] * bn)
-                    hv_[c] = hv
-                    hnn[c] = hv
-                    yv[c] = _fma(cn, hv, yv[c])
-                    pCn[c] = _fma(gy[c], hv, pCn[c])
+                    _rescan_lane(_decay(dv[c], an[c]), c, bn, cn, xv, gy, yv, hv_, hnn, decn, pCn)
             else:
                 for c in range(_LANES):
-                    e = _exp2(dv[c] * an[c])
-                    decn[c] = e
-                    hv = _fma(e, hv_[c], xv[c] * bn)
-                    hv_[c] = hv
-                    hnn[c] = hv
-                    yv[c] = _fma(cn, hv, yv[c])
-                    pCn[c] = _fma(gy[c], hv, pCn[c])
+                    _rescan_lane(_exp2(dv[c] * an[c]), c, bn, cn, xv, gy, yv, hv_, hnn, decn, pCn)
 
     @_jit(**_JIT)
     def _rescan_block(A2, fast, h0, h, Bm, Cm, b, g, t0, L, s, dts, dus, gys, ys, hs, decs, accC):
