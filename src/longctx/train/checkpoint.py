@@ -208,8 +208,8 @@ def load_checkpoint(
 
 
 def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The ``extra_tensors`` saved with checkpoint ``path`` (empty when it has none)."""
-    return _load_safetensors(path / "extra.safetensors") if (path / "extra.safetensors").exists() else {}
+    """The ``extra_tensors`` saved with checkpoint ``path`` (a clear error when missing or corrupt)."""
+    return _load_safetensors(path / "extra.safetensors")
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
