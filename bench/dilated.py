@@ -17,10 +17,14 @@ One layer's attention, fp32, batch 1, 8 heads of 64 (``--heads``, ``--head-dim``
   ``--budget-min`` minutes or its inputs exceed ``--budget-gb``.
 
 Each (impl, T) runs in a fresh subprocess: inputs are made, a small call warms up, then
-``--repeats`` timed calls (one when a call takes over 20 s); time is their median.  Memory
-is the process's peak RSS (VmHWM) over the first timed call, total and above the inputs.
-GFLOP/s counts the attended (query, key) pairs exactly (4 x head_dim FLOPs per pair), as a
-fraction of this machine's fp32 matmul GFLOP/s (bench/machine.py).
+timed calls, at least ``--repeats`` and for at least ``--min-seconds`` (one when a call
+takes over 20 s); time is their median.  The scaling target is judged on the medians and
+on the fastest calls: load from other tenants of a shared VM (steal time) only adds time;
+it moved the median of the same 4K call by up to 30% between runs a minute apart, where
+the fastest call held within 5%.  Memory is the process's peak RSS (VmHWM) over the first
+timed call, total and above the inputs.  GFLOP/s counts the attended (query, key) pairs
+exactly (4 x head_dim FLOPs per pair), as a fraction of this machine's fp32 matmul GFLOP/s
+(bench/machine.py).
 
 Targets (issue 4): dilated time(2T) / time(T) <= 2.2 across the range; the 1M forward within
 20 GiB in one process; the speedup over dense SDPA at 64K reported.
@@ -56,6 +60,10 @@ def attended_pairs(length: int, heads: int, segments, rates) -> int:
     return total
 
 
+def verdict(growth: list[float]) -> str:
+    return ("MET" if max(growth) <= 2.2 else "MISSED") if growth else "n/a"
+
+
 def call(impl: str, q, k, v, segments, rates):
     with torch.no_grad():
         if impl == "dilated":
@@ -81,18 +89,21 @@ def one(args, impl: str, length: int) -> None:
     call(impl, q, k, v, segments, rates)
     times.append(time.perf_counter() - start)
     peak = proc_status("VmHWM")
-    while len(times) < args.repeats and times[0] < 20:
+    # Short calls repeat until --min-seconds have passed: a burst of load (steal time on a
+    # shared VM) then moves the median of 30-60 calls, not of 7.
+    while times[0] < 20 and len(times) < 200 and (len(times) < args.repeats or sum(times) < args.min_seconds):
         start = time.perf_counter()
         call(impl, q, k, v, segments, rates)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": statistics.median(times), "peak_bytes": peak, "extra_bytes": peak - base,
-                      "segments": segments, "rates": rates}))
+    print(json.dumps({"seconds": statistics.median(times), "min_seconds": min(times), "calls": len(times),
+                      "peak_bytes": peak, "extra_bytes": peak - base, "segments": segments, "rates": rates}))
 
 
 def run_case(args, impl: str, length: int) -> dict:
     cmd = [sys.executable, __file__, "--one", impl, str(length), "--patterns-for", str(args.patterns_for),
            "--heads", str(args.heads),
-           "--head-dim", str(args.head_dim), "--first-segment", str(args.first_segment), "--repeats", str(args.repeats)]
+           "--head-dim", str(args.head_dim), "--first-segment", str(args.first_segment), "--repeats", str(args.repeats),
+           "--min-seconds", str(args.min_seconds)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -104,7 +115,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--first-segment", type=int, default=2048)
     p.add_argument("--patterns-for", type=int, default=None, help="pattern set covering this length (default: the longest)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls at least")
+    p.add_argument("--min-seconds", type=float, default=5.0, help="repeat short calls for at least this long")
     p.add_argument("--budget-min", type=float, default=10.0, help="skip sdpa when predicted to take longer")
     p.add_argument("--budget-gb", type=float, default=20.0)
     p.add_argument("--one", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
@@ -129,7 +141,8 @@ def main() -> None:
             else:
                 pairs = args.heads * length * (length + 1) // 2
             gflops = 4 * args.head_dim * pairs / res["seconds"] / 1e9
-            rows.append({"T": length, "impl": impl, "s": res["seconds"], "GFLOP/s": gflops,
+            rows.append({"T": length, "impl": impl, "s": res["seconds"], "min s": res["min_seconds"],
+                         "calls": res["calls"], "GFLOP/s": gflops,
                          "% peak": 100 * gflops / peak_gflops, "peak GiB": res["peak_bytes"] / 2**30,
                          "extra GiB": res["extra_bytes"] / 2**30,
                          "patterns": len(res["segments"]) if impl == "dilated" else "-"})
@@ -140,6 +153,7 @@ def main() -> None:
     for t, r in ours.items():
         r["x faster than sdpa"] = dense[t]["s"] / r["s"] if t in dense else "-"
     growth = [ours[2 * t]["s"] / ours[t]["s"] for t in sorted(ours) if 2 * t in ours]
+    growth_min = [ours[2 * t]["min s"] / ours[t]["min s"] for t in sorted(ours) if 2 * t in ours]
     # The attended pairs grow faster than 2x where patterns longer than T still cover all of
     # T (their cost is quadratic in T / r): the floor of time(2T)/time(T) at constant speed.
     segments, rates = dilated_patterns(args.patterns_for, args.first_segment)
@@ -150,9 +164,11 @@ def main() -> None:
         "heads x head_dim": f"{args.heads} x {args.head_dim}",
         "patterns": f"segments {segments} with rates {rates}",
         "matmul GFLOP/s": round(peak_gflops),
-        "dilated time(2T)/time(T)": ", ".join(f"{g:.2f}" for g in growth),
+        "dilated time(2T)/time(T), medians": ", ".join(f"{g:.2f}" for g in growth),
+        "dilated time(2T)/time(T), fastest calls": ", ".join(f"{g:.2f}" for g in growth_min),
         "attended pairs(2T)/pairs(T)": ", ".join(f"{w:.2f}" for w in work),
-        "target time(2T)/time(T) <= 2.2": ("MET" if growth and max(growth) <= 2.2 else "MISSED") if growth else "n/a",
+        "target time(2T)/time(T) <= 2.2, medians": verdict(growth),
+        "target time(2T)/time(T) <= 2.2, fastest calls": verdict(growth_min),
         f"longest T run: {longest}, peak GiB": round(ours[longest]["peak GiB"], 2) if ours else "-",
         "target 1M forward within 20 GiB": ("MET" if 1048576 in ours and ours[1048576]["peak GiB"] <= 20 else
                                             "MISSED" if 1048576 in ours else "not run"),
