@@ -129,10 +129,29 @@ def test_state_passing_carries_the_state_and_resumes_exactly(tmp_path):
     _, b, _ = load_task_run(split)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
-    train_task(tiny("induction", "mamba", steps=6), plain, progress=False, log=lambda m: None)
+    train_task(tiny("induction", "mamba", steps=6, state_passing=False), plain, progress=False, log=lambda m: None)
     carried = [r["loss"] for r in _records(full) if "loss" in r]
     fresh = [r["loss"] for r in _records(plain) if "loss" in r]
     assert carried[0] == fresh[0] and carried[1:] != fresh[1:]  # untrained, the carried state moves losses ~1e-6
+
+
+def test_state_passing_and_weight_decay_default_per_task():
+    """Induction heads: no weight decay, and state passing where every layer is recurrent
+    (what lets a Mamba trained at 256 hold at 2^16); other tasks: weight decay 0.1, no state
+    passing; explicit values win."""
+    for preset in ("mamba", "mamba2", "s4d"):
+        assert TaskConfig(task="induction", preset=preset).state_passing is True
+    for preset in ("attention", "hybrid", "longnet"):
+        assert TaskConfig(task="induction", preset=preset).state_passing is False
+    assert TaskConfig(task="mqar", preset="mamba").state_passing is False
+    assert TaskConfig(task="induction", preset="mamba", state_passing=False).state_passing is False
+    assert TaskConfig(task="induction", preset="attention").weight_decay == 0.0
+    assert TaskConfig(task="mqar", preset="mamba").weight_decay == 0.1
+    assert TaskConfig(task="induction", preset="mamba", weight_decay=0.05).weight_decay == 0.05
+    saved = TaskConfig(task="induction", preset="mamba").to_dict()  # resolved values are saved
+    assert (saved["state_passing"], saved["weight_decay"]) == (True, 0.0)
+    with pytest.raises(ConfigError, match="task.weight_decay must be a number >= 0"):
+        TaskConfig(task="induction", preset="mamba", weight_decay="none")
 
 
 def test_state_passing_needs_recurrent_layers():
