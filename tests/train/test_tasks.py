@@ -154,6 +154,26 @@ def test_state_passing_and_weight_decay_default_per_task():
         TaskConfig(task="induction", preset="mamba", weight_decay="none")
 
 
+def test_validation_at_further_lengths(tmp_path):
+    """task.val_lengths: every validation also scores those lengths, logged per step and
+    plotted; lengths the task cannot produce are refused before training."""
+    cfg = TaskConfig.from_dict({**TINY, "task": "induction", "preset": "mamba", "steps": 4, "eval_every": 2,
+                                "val_lengths": [128, 64]})
+    train_task(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    vals = [r for r in _records(tmp_path / "run") if "val_accuracy" in r]
+    assert [r["step"] for r in vals] == [2, 4]
+    for r in vals:
+        assert set(r["val_accuracy_at"]) == {"64", "128"}
+        assert all(0.0 <= a <= 1.0 for a in r["val_accuracy_at"].values())
+    assert (tmp_path / "run" / "training.png").is_file()
+    train_task(tiny("induction", steps=2, eval_every=2), tmp_path / "plain", progress=False, log=lambda m: None)
+    assert [set(r) for r in _records(tmp_path / "plain") if "val_accuracy" in r] == [{"step", "val_accuracy"}]
+    with pytest.raises(ConfigError, match="cannot produce length"):
+        tiny("induction", val_lengths=[2])
+    with pytest.raises(ConfigError, match="val_lengths must be a list"):
+        tiny("induction", val_lengths=4096)
+
+
 def test_state_passing_needs_recurrent_layers():
     for preset in ("attention", "hybrid", "longnet"):
         with pytest.raises(ConfigError, match="state_passing needs a model whose layers are all recurrent"):

@@ -139,8 +139,8 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], lengths: Sequence[int], out_pa
 
 
 def plot_task_training(metrics_path, out_path, *, chance: float | None = None) -> Path | None:
-    """Training loss and accuracy (train batches and validation at the training length)
-    against step, from a task run's metrics.jsonl.  Needs matplotlib."""
+    """Training loss and accuracy (train batches, validation at the training length and at
+    ``task.val_lengths``) against step, from a task run's metrics.jsonl.  Needs matplotlib."""
     metrics_path = Path(metrics_path)
     if not metrics_path.is_file():
         return None
@@ -160,12 +160,19 @@ def plot_task_training(metrics_path, out_path, *, chance: float | None = None) -
         steps, loss, acc = zip(*train)
         ax_loss.plot(steps, loss)
         ax_acc.plot(steps, acc, label="training batches")
+    further = sorted({n for r in records for n in r.get("val_accuracy_at", {})}, key=int)
     if val:
-        ax_acc.plot(*zip(*val), marker="o", label="validation")
+        ax_acc.plot(*zip(*val), marker="o", label="validation at the training length" if further else "validation")
+    for n in further:  # task.val_lengths
+        points = [(r["step"], r["val_accuracy_at"][n]) for r in records
+                  if isinstance(r.get("val_accuracy_at", {}).get(n), float)]
+        if points:
+            ax_acc.plot(*zip(*points), marker=".", label=f"validation at {n}")
     if chance is not None:
         ax_acc.axhline(chance, color="grey", linestyle="--", label="chance")
     ax_loss.set(xlabel="step", ylabel="loss on asked positions (nats)", title="training loss")
-    ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy at the training length", ylim=(-0.02, 1.02))
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy" if further else "accuracy at the training length",
+               ylim=(-0.02, 1.02))
     ax_acc.legend()
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

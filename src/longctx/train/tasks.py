@@ -203,6 +203,9 @@ class TaskConfig:
     # (TASK_DEFAULTS) where every layer is recurrent, else off.
     state_passing: bool | str = "default"
     eval_every: int = 100  # validation accuracy at train_len every this many steps
+    # Further validation lengths, e.g. [4096, 65536]: extrapolation watched while training
+    # (on induction heads it rose and fell by 10-40 points between checkpoints).
+    val_lengths: list[int] = field(default_factory=list)
     val_examples: int = 64
     save_every: int = 100
     log_every: int = 10
@@ -252,6 +255,9 @@ class TaskConfig:
         if self.task == "passkey":
             _check("depth" not in self.options, "passkey training places the note at random depths; "
                                                 "choose evaluation depths with task eval --depths")
+        _check(isinstance(self.val_lengths, list), f"task.val_lengths must be a list of lengths; got {self.val_lengths!r}")
+        if self.val_lengths:
+            check_lengths(self.task, self.train_options(), self.val_lengths)
         shortest = task_min_length(self.task, self.options)
         _check(self.train_len >= shortest,
                f"task {self.task!r} with {self.options} needs train_len >= {shortest}; got {self.train_len}")
@@ -392,16 +398,18 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def validation_accuracy(model: LanguageModel, cfg: TaskConfig) -> float:
-    """Accuracy on a fixed batch at the training length (seeds disjoint from training's)."""
+def validation_accuracy(model: LanguageModel, cfg: TaskConfig) -> dict[int, float | str]:
+    """Accuracy on fixed examples at the training length and at ``cfg.val_lengths`` (seeds
+    disjoint from training's): ``{length: accuracy}``, or "out of memory" for a length the
+    evaluation cannot fit."""
     was = model.training
     model.eval()
     try:
-        result = evaluate_task(model, cfg, [cfg.train_len], examples=cfg.val_examples, batch=cfg.batch_size,
-                               seed=cfg.seed + 7919)
+        result = evaluate_task(model, cfg, sorted({cfg.train_len, *cfg.val_lengths}), examples=cfg.val_examples,
+                               batch=cfg.batch_size, seed=cfg.seed + 7919)
     finally:
         model.train(was)
-    return float(result["accuracy"][cfg.train_len])
+    return dict(result["accuracy"])
 
 
 def write_task_config(run_dir: Path, cfg: TaskConfig) -> None:
@@ -583,9 +591,15 @@ def train_task(
                 loss_sum, correct, asked, window_steps, window_tokens = 0.0, 0, 0, 0, 0
                 window_start = time.perf_counter()
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_acc = validation_accuracy(model, cfg)
-                metrics.write({"step": step, "val_accuracy": val_acc})
-                bar.write(f"step {step}: accuracy at length {cfg.train_len}: {val_acc:.3f}")
+                accs = validation_accuracy(model, cfg)
+                val_acc = float(accs.pop(cfg.train_len))
+                record = {"step": step, "val_accuracy": val_acc}
+                if accs:
+                    record["val_accuracy_at"] = {str(n): a for n, a in accs.items()}
+                metrics.write(record)
+                further = "".join(f", at {n}: {a:.3f}" if isinstance(a, float) else f", at {n}: {a}"
+                                  for n, a in accs.items())
+                bar.write(f"step {step}: accuracy at length {cfg.train_len}: {val_acc:.3f}{further}")
             if stop_flag["stop"]:
                 interrupted = True
                 break
