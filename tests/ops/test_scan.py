@@ -8,6 +8,7 @@ larger steps.  The numba kernels compile once per machine (cached on disk), ~15-
 
 import importlib
 
+import numpy
 import pytest
 import torch
 
@@ -93,6 +94,20 @@ def test_fast_matches_reference(time, combo):
 def test_channel_blocks(channels, groups):
     """Odd widths (scalar remainders), several blocks per group, and a real model width."""
     _compare(_inputs(batch=1, time=33, channels=channels, groups=groups, seed=channels), True)
+
+
+def test_kernel_elementwise_functions_are_accurate_to_a_few_ulp():
+    """The kernel's own softplus (exp + polynomial log1p) and silu against fp64, in units in
+    the last place of the fp32 result, over the range where results are normal numbers."""
+    x = torch.linspace(-80.0, 80.0, 4001, dtype=torch.float32)
+    for name, fn, ref in (("softplus", scan_module._softplus, torch.nn.functional.softplus),
+                          ("silu", scan_module._silu, torch.nn.functional.silu)):
+        got = torch.tensor([fn(v) for v in x.numpy()], dtype=torch.float64)  # numpy fp32 scalars
+        want = ref(x.double())
+        normal = want.abs() > torch.finfo(torch.float32).tiny
+        ulp = torch.from_numpy(numpy.spacing(want.float().abs().numpy())).double()
+        err = ((got - want).abs() / ulp)[normal].max().item()
+        assert err <= 3.0, f"{name}: {err:.2f} ulp"
 
 
 def test_decays_beyond_the_fast_range_and_non_finite_inputs():

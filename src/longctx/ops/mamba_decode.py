@@ -27,7 +27,7 @@ try:  # the scan module's numba math (exact fp32 exp, softplus, sigmoid)
     import numba as _nb
     import numpy as _np
 
-    from longctx.ops.scan import _JIT, _LOG2E, _ZERO, _exp2, _fma, _jit, _sigmoid, _softplus
+    from longctx.ops.scan import _JIT, _LOG2E, _ZERO, _exp2, _fma, _jit, _silu, _softplus
 except ImportError:
     _nb = None
 
@@ -141,7 +141,7 @@ if _nb is not None:
                     conv_out[b, c, k] = conv[b, c, k + 1]
                 if tail > 0:
                     conv_out[b, c, tail - 1] = xin
-                x[c] = acc * _sigmoid(acc)
+                x[c] = _silu(acc)
             _matvec(xw, x, proj)
             _matvec(dtw, proj, dt)  # the first dt_rank entries of proj
             for c in range(channels):
@@ -163,4 +163,4 @@ if _nb is not None:
                 for n in range(state):
                     s += hc[c * state + n]
                 zc = xz[b, channels + c]
-                y[b, c] = _fma(D[c], x[c], s) * (zc * _sigmoid(zc))
+                y[b, c] = _fma(D[c], x[c], s) * _silu(zc)
