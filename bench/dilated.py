@@ -42,22 +42,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from longctx.ops.dilated import dilated_attention, dilated_patterns
+from longctx.ops.dilated import attended_pairs, dilated_attention, dilated_patterns
 from machine import matmul_gflops, proc_status, write_result
 
 DEFAULT_LENGTHS = [4096 * 2**i for i in range(9)]  # 4K .. 1M
-
-
-def attended_pairs(length: int, heads: int, segments, rates) -> int:
-    """Causal (query, key) pairs summed over patterns and heads."""
-    total = 0
-    for w, r in zip(segments, rates):
-        for h in range(heads):
-            o = h % r
-            for seg_len in [w] * (length // w) + ([length % w] if length % w else []):
-                kept = max(0, -(-(seg_len - o) // r))
-                total += kept * (kept + 1) // 2
-    return total
 
 
 def verdict(growth: list[float]) -> str:

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from longctx.model import ConfigError, LanguageModel, ModelConfig
+from longctx.ops.dilated import attended_pairs
 
 
 def _model(**overrides):
@@ -101,3 +102,18 @@ def test_training_through_a_state_backpropagates_across_segments():
     g_seg = torch.autograd.grad(seg, list(model.parameters()))
     for a, b in zip(g_seg, g_full):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layers,window", [(["attention"] * 2, None), (["attention", "mamba"], 5),
+                                           (["dilated", "attention"], None)])
+def test_flops_per_token_counts_the_attended_pairs(layers, window):
+    """6 N for the matmuls, plus 12 head_dim FLOPs per (query, key) pair a head attends to."""
+    time = 23
+    model = _model(layers=layers, attn_window=window, dilated_segments=[4, 32], dilated_rates=[1, 2], max_seq_len=32)
+    c = model.config
+    matmul = 6 * (model.num_parameters(embeddings=False) + (model.lm_head.weight.numel() if c.tie_embeddings else 0))
+    distance = torch.arange(time)[:, None] - torch.arange(time)[None, :]
+    dense = int(((distance >= 0) & (distance < (window or time))).sum())
+    dilated = attended_pairs(time, c.n_heads, c.dilated_segments, c.dilated_rates)  # tested in tests/ops
+    pairs = layers.count("attention") * c.n_heads * dense + layers.count("dilated") * dilated
+    assert model.flops_per_token(time) == pytest.approx(matmul + 12 * c.head_dim * pairs / time)

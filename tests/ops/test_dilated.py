@@ -5,6 +5,7 @@ import torch
 
 from longctx.ops import alibi_slopes, attention
 from longctx.ops.dilated import (
+    attended_pairs,
     check_patterns,
     dilated_attention,
     dilated_attention_ref,
@@ -86,6 +87,22 @@ def test_patterns_helper_and_first_needed_position():
     assert dilated_patterns(100, first_segment=16, ratio=4) == ([16, 64, 256], [1, 4, 16])
     assert first_needed_position(100, [16, 64]) == 64
     assert first_needed_position(100, [16, 48]) == 96
+
+
+@pytest.mark.parametrize("time,segs,rates", [(1, [4], [1]), (37, [4, 8, 16], [1, 2, 3]), (64, [8, 32], [1, 4]),
+                                             (50, [16, 64], [1, 8])])
+def test_attended_pairs_counts_the_allowed_pairs(time, segs, rates):
+    """Against a count of (query, key) pairs by the rule: same segment, key not after the
+    query, both kept for the head (offset head % r)."""
+    heads = 5
+    pos = torch.arange(time)
+    expected = 0
+    for w, r in zip(segs, rates):
+        for h in range(heads):
+            kept = (pos % w) % r == h % r
+            allowed = (pos[:, None] // w == pos[None, :] // w) & (pos[None, :] <= pos[:, None])
+            expected += int((allowed & kept[:, None] & kept[None, :]).sum())
+    assert attended_pairs(time, heads, segs, rates) == expected
 
 
 @pytest.mark.parametrize("segs,rates,match", [

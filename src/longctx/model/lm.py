@@ -15,6 +15,7 @@ from longctx.cache.sink import SinkKVCache
 from longctx.layers import Block, RMSNorm, mixer_names
 from longctx.layers.attention import Attention
 from longctx.model.config import ConfigError, ModelConfig
+from longctx.ops.dilated import attended_pairs
 
 
 class LanguageModel(nn.Module):
@@ -156,12 +157,23 @@ class LanguageModel(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): ``6 N`` for the matmuls plus the
-        causal attention scores, ``6 * layers * seq_len * heads * head_dim`` (PaLM, App. B,
-        halved for causality)."""
+        """Training FLOPs per token (forward + backward) at ``seq_len`` tokens: ``6 N`` for the
+        matmuls (PaLM, App. B) plus ``12 * head_dim`` for each (query, key) pair a head
+        attends to (q k and p v, forward and backward), averaged over the tokens.
+        ``attention`` layers attend causally to every earlier token and themselves, or to
+        the last ``attn_window``; ``dilated`` layers to their patterns' pairs
+        (``attended_pairs``).  The Mamba scans are elementwise and not counted."""
         c = self.config
-        n_attn = sum(1 for name in c.layers if name == "attention")
         matmul_params = self.num_parameters(embeddings=False)
         if c.tie_embeddings:  # the LM head is a matmul even when it shares the embedding
             matmul_params += self.lm_head.weight.numel()
-        return 6 * matmul_params + 6 * n_attn * seq_len * c.n_heads * c.head_dim
+        window = min(c.attn_window or seq_len, seq_len)
+        # sum over t < seq_len of min(t + 1, window)
+        dense_pairs = c.n_heads * (window * (window + 1) // 2 + (seq_len - window) * window)
+        pairs = 0
+        for name in c.layers:
+            if name == "attention":
+                pairs += dense_pairs
+            elif name == "dilated":
+                pairs += attended_pairs(seq_len, c.n_heads, c.dilated_segments, c.dilated_rates)
+        return 6 * matmul_params + 12 * c.head_dim * pairs / seq_len

@@ -77,6 +77,23 @@ def check_patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int]
     return tuple(segs), tuple(rates)
 
 
+def attended_pairs(time: int, heads: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> int:
+    """Causal (query, key) pairs that ``dilated_attention`` computes over ``time`` tokens,
+    summed over patterns and heads, each query counting itself: its work, for FLOP counts
+    (4 * head_dim FLOPs a pair forward).  Linear in ``time`` for a fixed pattern set, except
+    where a segment is longer than ``time``: such a pattern covers all of it, at a cost
+    quadratic in ``time / rate``."""
+    total = 0
+    for w, r in zip(segment_lengths, dilation_rates):
+        full, last = divmod(time, w)
+        for head in range(heads):
+            offset = head % r
+            for seg_len, count in ((w, full), (last, 1)):
+                kept = max(0, -(-(seg_len - offset) // r))  # positions offset, offset + r, ... below seg_len
+                total += count * kept * (kept + 1) // 2
+    return total
+
+
 def first_needed_position(position: int, segment_lengths: Sequence[int]) -> int:
     """The earliest key a query at ``position`` or later can attend to: the start of its
     segment in the pattern whose segment starts first.  Keys before it can be dropped."""
