@@ -97,9 +97,10 @@ def _powers(lo: int, hi: int) -> tuple[int, ...]:
 
 
 # Model shape of the papers (2 layers, d_model 64); steps and batch sized for about 15 minutes
-# of training on 2 shared CPU cores.  Measured for induction (3000 steps: mamba 8-11 min and
-# attention 8 min on 1 shared core), selective copying and MQAR (README, Benchmarks) and
-# passkey (mamba: 100% at 256 after 3000 steps, 4.4 min on 2 cores; 68% after 1000).
+# of training on 2 shared CPU cores.  Measured for induction (3000 steps: mamba 4.5 min and
+# attention 5.5 min on 1 core, another run on the other), selective copying (3000 steps: 12-13
+# min on 1 core with two other runs beside it), MQAR (README, Benchmarks) and passkey (mamba:
+# 100% at 256 after 3000 steps, 4.4 min on 2 cores; 68% after 1000).
 TASK_DEFAULTS: dict[str, TaskDefaults] = {
     "induction": TaskDefaults(
         train_len=256, steps=3000, batch_size=16, lr=3e-3, warmup=50, options={"vocab": 16}, start_len=16,
@@ -107,15 +108,17 @@ TASK_DEFAULTS: dict[str, TaskDefaults] = {
         note="Mamba App. E.1: vocab 16, 2 layers, d_model 64, trained at 256, tested up to 2^20; the paper "
              "trains ~200k steps of batch 8 at length 256, here 3000 steps of 4096 tokens: lengths 16, 32, "
              "..., 256 (batch 256, 128, ..., 16) over the first 300 steps, then 256.  No weight decay, and "
-             "state passing for recurrent models: with both, 2-layer Mambas (seeds 0, 1, 2) were 100, 56 "
-             "and 66% accurate at 2^16; without state passing 18%, with weight decay 0.1 18%",
+             "state passing for recurrent models: with both, 2-layer Mambas (seeds 0, 1, 2) were 100, 61 "
+             "and 67% accurate at 2^16 (97-100% at 2^14); without state passing 18%, with weight decay 0.1 "
+             "18%; step sizes initialised from 1e-5 instead of 1e-3 gave 100, 97, 13 and 64% (seeds 0-3)",
     ),
     "selective_copying": TaskDefaults(
-        train_len=512, steps=1000, batch_size=16, lr=3e-3, warmup=50, options={"vocab": 16, "n_tokens": 16},
+        train_len=512, steps=3000, batch_size=16, lr=3e-3, warmup=50, options={"vocab": 16, "n_tokens": 16},
         start_len=32,
         eval_lengths=_powers(9, 16),
         note="Mamba App. E.1 uses length 4096; 512 here so that training fits about 15 minutes on 2 CPU cores "
-             "(--train-len 4096 for the paper's setting)",
+             "(--train-len 4096 for the paper's setting).  3000 steps: mamba 90% accurate at 512, its "
+             "time-invariant form (s4d) at chance; after 1000 steps 41% and chance",
     ),
     "mqar": TaskDefaults(
         train_len=128, steps=3000, batch_size=16, lr=1e-3, warmup=50, options={"vocab": 64, "pairs": 8},
