@@ -4,13 +4,16 @@ import pytest
 import torch
 
 from longctx.ops import alibi_slopes, attention
+from longctx.ops import dilated as dilated_module
 from longctx.ops.dilated import (
+    AllOffsetsPiece,
     attended_pairs,
     check_patterns,
     dilated_attention,
     dilated_attention_ref,
     dilated_patterns,
     first_needed_position,
+    plan_pattern,
 )
 
 
@@ -29,9 +32,14 @@ def _grads(fn, q, k, v, seed=1, **kw):
 
 
 def _compare(q, k, v, **kw):
+    """The training path (values and gradients) and the inference path (which merges the
+    pieces one by one) against the reference."""
     fast = _grads(dilated_attention, q, k, v, **kw)
     ref = _grads(dilated_attention_ref, q.double(), k.double(), v.double(), **kw)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), fast, ref):
+    with torch.no_grad():
+        inference = dilated_attention(q, k, v, **kw)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "inference out", "inference lse"),
+                          (*fast, *inference), (*ref, *ref[:2])):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
@@ -39,6 +47,7 @@ PATTERNS = {
     "geometric": ([4, 8, 16], [1, 2, 4]),
     "r-not-dividing-w": ([3, 7, 20], [1, 3, 6]),
     "one": ([5], [1]),
+    "rates-above-heads": ([4, 8, 32], [1, 2, 8]),
 }
 
 
@@ -53,16 +62,50 @@ def test_matches_reference(time, causal, pattern, heads, kv_heads):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_alibi_uses_true_distances(causal):
-    q, k, v = _inputs(1, 29, 29, 4, 4, 8)
-    _compare(q, k, v, segment_lengths=[4, 12], dilation_rates=[1, 3], causal=causal, alibi_slopes=alibi_slopes(4))
+@pytest.mark.parametrize("time,segs,rates", [(29, [4, 12], [1, 3]), (32, [4, 8, 16], [1, 2, 8])])
+def test_alibi_uses_true_distances(causal, time, segs, rates):
+    q, k, v = _inputs(1, time, time, 4, 4, 8)
+    _compare(q, k, v, segment_lengths=segs, dilation_rates=rates, causal=causal, alibi_slopes=alibi_slopes(4))
 
 
-@pytest.mark.parametrize("time,kv_time,kv_start", [(1, 21, 0), (3, 10, 0), (1, 5, 16), (6, 13, 8), (9, 9, 16)])
-def test_queries_after_cached_keys(time, kv_time, kv_start):
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("time,kv_time,kv_start", [(1, 21, 0), (3, 10, 0), (1, 5, 16), (6, 13, 8), (9, 9, 16),
+                                                   (12, 20, 0)])
+def test_queries_after_cached_keys(time, kv_time, kv_start, kv_heads):
     """Decoding / chunked prefill: queries are the last keys, keys may start after position 0."""
-    q, k, v = _inputs(1, time, kv_time, 4, 2, 8)
+    q, k, v = _inputs(1, time, kv_time, 4, kv_heads, 8)
     _compare(q, k, v, segment_lengths=[4, 8], dilation_rates=[1, 2], kv_start=kv_start)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_calls_split_into_groups_of_segments(monkeypatch, kv_heads):
+    """Long inputs run full segments in several kernel calls (``_CALL_ROWS``); shrink the
+    budget so these small inputs do too."""
+    monkeypatch.setattr(dilated_module, "_CALL_ROWS", 8)
+    segs, rates = [4, 8, 16], [1, 2, 8]
+    assert len(plan_pattern(0, 4, 1, 4, kv_heads, 40, 0, 0)) == 10  # ten segments, 16 rows each
+    q, k, v = _inputs(2, 40, 40, 4, kv_heads, 8)
+    _compare(q, k, v, segment_lengths=segs, dilation_rates=rates)
+    q, k, v = _inputs(1, 9, 29, 4, kv_heads, 8)
+    _compare(q, k, v, segment_lengths=segs, dilation_rates=rates)
+
+
+@pytest.mark.parametrize("r,heads,kv_heads,time,all_offsets", [
+    (4, 4, 4, 32, 1),   # r = heads: each head its own offset
+    (8, 4, 4, 32, 1),   # r above heads
+    (8, 4, 4, 24, 1),   # the short last segment too (8 | 24 - 16)
+    (2, 4, 4, 32, 0),   # r below heads: one call per offset, heads / r heads each
+    (8, 4, 2, 32, 0),   # grouped kv heads
+    (6, 4, 4, 32, 0),   # r does not divide the segment
+])
+def test_plan_batches_every_head_offset_where_it_fits(r, heads, kv_heads, time, all_offsets):
+    """The batched plan is what the reference tests above exercise at these rates: check
+    that it is taken where it fits, and the per-offset pieces elsewhere."""
+    w = 16
+    pieces = plan_pattern(0, w, r, heads, kv_heads, time, 0, 0)
+    batched = [p for p in pieces if isinstance(p, AllOffsetsPiece)]
+    assert len(batched) == (all_offsets * (1 + (time % w > 0)))
+    assert len(pieces) == len(batched) + (not all_offsets) * min(r, heads) * (1 + (time % w > 0))
 
 
 def test_single_pattern_of_rate_one_covering_everything_is_causal_attention():

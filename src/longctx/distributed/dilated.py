@@ -100,7 +100,7 @@ def distributed_dilated_attention(
     pieces, extra = [], []
     for i, (w, r) in enumerate(zip(segs, rates)):
         if w <= local:
-            pieces += plan_pattern(i, w, r, heads, local, start, start)
+            pieces += plan_pattern(i, w, r, heads, k.shape[2], local, start, start)
             continue
         first_rank = (start // w) * w // local  # the ranks sharing this rank's segment
         last_rank = min(world, first_rank + w // local) - 1
