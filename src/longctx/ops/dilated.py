@@ -244,11 +244,11 @@ class AllOffsetsPiece(Piece):
         return kv_heads == heads and r >= heads and length % r == 0
 
 
-# Query rows (position x head) per kernel call at most, or one segment if that is more.  At
-# head_dim 64 in fp32 a call's output is then 16 MiB, which glibc's malloc serves from its
-# heap again once freed (up to its 32 MiB mmap threshold); larger blocks are mapped fresh
-# from the OS on every call, and first-touching their pages took about a tenth of the time
-# of an inference call at 256K tokens (2-core VM).
+# Query rows (position x head) of a batch element per kernel call at most, or one segment
+# if that is more.  At head_dim 64 in fp32 a call's output is then 16 MiB, which glibc's
+# malloc serves from its heap again once freed (up to its 32 MiB mmap threshold); larger
+# blocks are mapped fresh from the OS on every call, and first-touching their pages took
+# about a tenth of the time of an inference call at 256K tokens (2-core VM).
 _CALL_ROWS = 1 << 16
 
 
