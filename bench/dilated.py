@@ -2,7 +2,7 @@
 
 Usage (from the repo root)::
 
-    python bench/dilated.py                          # T = 4K .. 1M (~10-15 min)
+    python bench/dilated.py                          # T = 4K .. 1M (~25 min)
     python bench/dilated.py --lengths 4096 8192 --first-segment 512
 
 One layer's attention, fp32, batch 1, 8 heads of 64 (``--heads``, ``--head-dim``), causal:
@@ -21,7 +21,7 @@ timed calls, at least ``--repeats`` and for at least ``--min-seconds`` (one when
 takes over 20 s); time is their median.  The scaling target is judged three ways: on
 these medians, on the fastest calls, and on pairs: a subprocess per T makes the inputs of
 T and 2T and alternates calls at the two (at least ``--repeats`` pairs and
-``--min-seconds``), the median of the pairs' ratios (``--no-pairs`` skips them).  Load
+``--pair-seconds``), the median of the pairs' ratios (``--no-pairs`` skips them).  Load
 from other tenants of a shared VM only adds time; it moved the median of the same 4K
 call by up to 30% between runs a minute apart, where the fastest call held within 5%,
 and a pair's two calls share the load of their minute.  Memory is the process's peak RSS (VmHWM) over the first
@@ -92,7 +92,7 @@ def one(args, impl: str, length: int) -> None:
 
 def pair(args, length: int) -> None:
     """Subprocess mode: alternate dilated calls at ``length`` and ``2 length`` in one process
-    (inputs for both made first) for at least ``--repeats`` pairs and ``--min-seconds``;
+    (inputs for both made first) for at least ``--repeats`` pairs and ``--pair-seconds``;
     print each pair's time ratio as JSON.  Load that comes and goes over minutes then
     slows both calls of a pair alike, where separate runs minutes apart see it in one."""
     segments, rates = dilated_patterns(args.patterns_for, args.first_segment)
@@ -100,7 +100,7 @@ def pair(args, length: int) -> None:
     inputs = [[torch.randn(1, t, args.heads, args.head_dim, generator=g) for _ in range(3)] for t in (length, 2 * length)]
     call("dilated", *(x[:, :4096] for x in inputs[0]), *dilated_patterns(4096, min(args.first_segment, 1024)))
     ratios, spent = [], 0.0
-    while len(ratios) < args.repeats or spent < args.min_seconds:
+    while len(ratios) < args.repeats or spent < args.pair_seconds:
         times = []
         for qkv in inputs:
             start = time.perf_counter()
@@ -115,7 +115,7 @@ def run_case(args, impl: str, length: int, mode: str = "--one") -> dict:
     cmd = [sys.executable, __file__, mode, *([impl] if mode == "--one" else []), str(length),
            "--patterns-for", str(args.patterns_for), "--heads", str(args.heads),
            "--head-dim", str(args.head_dim), "--first-segment", str(args.first_segment), "--repeats", str(args.repeats),
-           "--min-seconds", str(args.min_seconds)]
+           "--min-seconds", str(args.min_seconds), "--pair-seconds", str(args.pair_seconds)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -131,6 +131,8 @@ def main() -> None:
     p.add_argument("--min-seconds", type=float, default=5.0, help="repeat short calls for at least this long")
     p.add_argument("--budget-min", type=float, default=10.0, help="skip sdpa when predicted to take longer")
     p.add_argument("--budget-gb", type=float, default=20.0)
+    p.add_argument("--pair-seconds", type=float, default=30.0,
+                   help="alternate T / 2T calls for at least this long (a burst of load moves the median of 5 pairs)")
     p.add_argument("--no-pairs", action="store_true", help="skip the paired T / 2T runs")
     p.add_argument("--one", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
     p.add_argument("--pair", type=int, metavar="T", help=argparse.SUPPRESS)
@@ -176,7 +178,9 @@ def main() -> None:
             if 2 * t in ours:
                 ratios = run_case(args, "dilated", t, mode="--pair")["ratios"]
                 paired.append(statistics.median(ratios))
-                print(f"T={t} -> {2 * t} in one process: {', '.join(f'{x:.3f}' for x in ratios)}", flush=True)
+                q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+                print(f"T={t} -> {2 * t} in one process: {len(ratios)} pairs, median {paired[-1]:.3f}, "
+                      f"quartiles {q1:.3f}-{q3:.3f}", flush=True)
     # The attended pairs grow faster than 2x where patterns longer than T still cover all of
     # T (their cost is quadratic in T / r): the floor of time(2T)/time(T) at constant speed.
     segments, rates = dilated_patterns(args.patterns_for, args.first_segment)
