@@ -76,6 +76,12 @@ class KVCache:
         self._k = self._v = None
         self.seq_len = self.start = self._base = 0
 
+    def fork(self) -> KVCache:
+        """An independent copy: updating either cache leaves the other as it was."""
+        other = KVCache(self.batch_size, self.capacity_hint)
+        other.load_state_dict(self.state_dict())
+        return other
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self._k is None:
             return {}

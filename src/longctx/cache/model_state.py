@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,12 @@ class ModelState:
             s.reset()
         self.seq_len = 0
         self.extra.clear()
+
+    def fork(self) -> ModelState:
+        """An independent copy of the session (every layer's state and the ``extra``
+        tensors): two continuations from one point, neither disturbing the other."""
+        extra = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in self.extra.items()}
+        return ModelState([s.fork() for s in self.layers], self.seq_len, self.batch_size, extra)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict (``layers.{i}.{name}``, ``extra.{name}``), ready for safetensors."""

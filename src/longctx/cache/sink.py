@@ -131,6 +131,12 @@ class SinkKVCache:
         self._k = self._v = self._sink_k = None
         self._lo = self._end = self.seq_len = 0
 
+    def fork(self) -> SinkKVCache:
+        """An independent copy: updating either cache leaves the other as it was."""
+        other = SinkKVCache(self.batch_size, self.n_sink, self.window)
+        other.load_state_dict(self.state_dict())
+        return other
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The kept keys (the sinks' as first cached) and values in cache order, the tokens
         seen, the policy and the format.  The entries are named unlike ``KVCache``'s so that

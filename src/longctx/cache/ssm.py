@@ -34,6 +34,12 @@ class SSMState:
         self.conv = self.ssm = None
         self.seq_len = 0
 
+    def fork(self) -> SSMState:
+        """An independent copy: updating either state leaves the other as it was."""
+        other = SSMState(self.batch_size, self.conv_shape[1:], self.ssm_shape[1:])
+        other.load_state_dict(self.state_dict())
+        return other
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.conv is None:
             return {}
