@@ -1,9 +1,15 @@
 """End to end through the command line on a tiny corpus: train, stop, resume, generate, eval."""
 
+import contextlib
+import io
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -26,8 +32,18 @@ def _values(records):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
 
 
+def _resume(run, capsys, *extra):
+    """Resume ``run`` in this process; return its records from before and after, and its output."""
+    before = _metrics(run)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--quiet", *extra]) == 0
+    return before, _metrics(run), capsys.readouterr().out
+
+
 def test_train_stop_resume_equals_uninterrupted(tmp_path, tiny_corpus, capsys):
-    full, split = tmp_path / "full", tmp_path / "split"
+    """A run stopped at step 5 and resumed writes the uninterrupted run's metrics, and the
+    resumed process starts from the checkpoint: it runs steps 6-8 only, from its weights."""
+    full, split, edited = tmp_path / "full", tmp_path / "split", tmp_path / "edited"
     assert main(["train", "--data", str(tiny_corpus), "--out", str(full), "--quiet", *TINY]) == 0
     out = capsys.readouterr().out
     assert "unigram byte model" in out and "sample:" in out
@@ -35,8 +51,19 @@ def test_train_stop_resume_equals_uninterrupted(tmp_path, tiny_corpus, capsys):
 
     assert main(["train", "--data", str(tiny_corpus), "--out", str(split), "--quiet", "--stop-at", "5", *TINY]) == 0
     assert _metrics(split)[-1]["step"] == 5
-    assert main(["train", "--out", str(split), "--resume", "--quiet"]) == 0
-    assert _values(_metrics(split)) == _values(_metrics(full))
+    shutil.copytree(split, edited)
+    before, after, out = _resume(split, capsys)
+    assert f"resumed from {split / 'checkpoints' / 'step_000005'} at step 5" in out
+    # Steps 1-5 were not run again: their records, wall-clock tokens_per_s included, are the first process's.
+    assert after[: len(before)] == before
+    assert _values(after) == _values(_metrics(full))
+
+    # Resumed from other weights (step 3's under step 5's name), the run takes another course.
+    ckpts = edited / "checkpoints"
+    shutil.copy(ckpts / "step_000003" / "model.safetensors", ckpts / "step_000005" / "model.safetensors")
+    _, after, _ = _resume(edited, capsys, "--stop-at", "6")
+    step6 = [next(r["loss"] for r in records if r["step"] == 6) for records in (after, _metrics(full))]
+    assert step6[0] != step6[1]
 
 
 def test_generate_eval_info(tmp_path, tiny_corpus, capsys):
@@ -131,11 +158,10 @@ def test_prompt_too_long_for_absolute_positions(tmp_path, tiny_corpus, capsys):
     assert "limit of 32 positions" in capsys.readouterr().err
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_corpus):
-    import os
-    import signal
-    import time
-
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_corpus, capsys, sig):
+    """Ctrl-C or SIGTERM mid-run: exit 130 with a checkpoint of the last step; a resume runs
+    from there, not from step 0."""
     run = tmp_path / "run"
     args = [sys.executable, "-m", "longctx", "train", "--data", str(tiny_corpus), "--out", str(run), "--quiet",
             *TINY, "--set", "train.steps=100000", "--set", "train.save_every=100000"]
@@ -144,15 +170,39 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_corpus):
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and _metrics(run)):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted at step" in out
     step = int(out.split("interrupted at step ")[1].split(";")[0])
     assert (run / "checkpoints" / f"step_{step:06d}").is_dir()
-    assert main(["train", "--out", str(run), "--resume", "--quiet", "--set", f"train.steps={step + 2}"]) == 0
-    steps = [r["step"] for r in _metrics(run) if "loss" in r]
-    assert steps == list(range(1, step + 3))
+    before, after, _ = _resume(run, capsys, "--set", f"train.steps={step + 2}")
+    assert [r["step"] for r in after if "loss" in r] == list(range(1, step + 3))
+    assert after[: len(before)] == before  # the resumed process ran only steps step+1 and step+2
+
+
+class _CtrlCAfter(io.StringIO):
+    """A stdout that presses Ctrl-C (raises SIGINT) once ``limit`` characters were written."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def write(self, text):
+        written = super().write(text)
+        if self.tell() >= self.limit:
+            signal.raise_signal(signal.SIGINT)
+        return written
+
+
+def test_generate_with_no_token_limit_runs_until_ctrl_c(trained, capsys):
+    """--max-new-tokens -1 goes on past the default 200 tokens (the greedy text has no eos)
+    until Ctrl-C, which ends it with exit code 130."""
+    out = _CtrlCAfter(len("def ") + 250)  # Ctrl-C at the 250th character generated
+    with contextlib.redirect_stdout(out):
+        code = main(["generate", str(trained), "--prompt", "def ", "--max-new-tokens", "-1", "--temperature", "0"])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert out.getvalue().startswith("def ") and len(out.getvalue()) == len("def ") + 250
 
 
 def test_resume_with_other_data_or_seed_is_refused(trained, tiny_corpus, capsys):

@@ -8,39 +8,53 @@ import time
 
 import pytest
 
+from longctx.cli.main import main
 from longctx.train import load_run_config, train
 from tests.distributed.harness import run_ranks
 
 SETTINGS = ["model.layers=['mamba','attention','mamba2']", "model.d_model=32", "model.n_heads=2",
             "model.mlp_hidden=0", "model.ssm_head_dim=16", "train.steps=4", "train.batch_size=2",
             "train.seq_len=64", "train.eval_every=2", "train.eval_batches=2", "train.save_every=2",
-            "train.log_every=1", "sample.max_new_tokens=0"]
+            "train.log_every=1", "sample.max_new_tokens=0",
+            "train.warmup_steps=1"]  # full lr from step 2: a lost optimizer state shows in the losses
 
 
-def _cli(run, corpus, procs, *extra):
-    sets = [arg for s in SETTINGS for arg in ("--set", s)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "-m", "longctx"] \
-        if procs > 1 else [sys.executable, "-m", "longctx"]
-    cmd = [*launcher, "train", "--data", str(corpus), "--out", str(run), "--quiet", *sets, *extra]
-    if procs > 1:
-        cmd += ["--sequence-parallel", str(procs)]
+def _args(run, corpus, *extra):
+    return ["train", "--data", str(corpus), "--out", str(run), "--quiet",
+            *[arg for s in SETTINGS for arg in ("--set", s)], *extra]
+
+
+def _torchrun(run, corpus, *extra):
+    """``longctx train`` in 2 processes, each sequence split over them."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "longctx",
+           *_args(run, corpus, *extra), "--sequence-parallel", "2"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in _records(run)]
 
 
 def test_two_processes_follow_one_process_and_checkpoints_interchange(tmp_path, tiny_corpus):
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert _cli(one, tiny_corpus, 1).returncode == 0
-    result = _cli(two, tiny_corpus, 2, "--stop-at", "2")
+    """One run passed from 1 process to 2 (step 1's checkpoint) and back to 1 (step 3's)
+    follows the uninterrupted single-process course; each resume starts at its checkpoint."""
+    one, mixed = tmp_path / "one", tmp_path / "mixed"
+    assert main(_args(one, tiny_corpus)) == 0
+    assert main(_args(mixed, tiny_corpus, "--stop-at", "1")) == 0
+    before = _records(mixed)
+    result = _torchrun(mixed, tiny_corpus, "--resume", "--stop-at", "3")
     assert result.returncode == 0, result.stderr[-3000:]
-    # Resume the 2-process run's checkpoint in one process: it finishes the same course.
-    result = _cli(two, tiny_corpus, 1, "--resume", "--set", "train.sequence_parallel=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(one), _losses(two), strict=True):
+    assert f"resumed from {mixed / 'checkpoints' / 'step_000001'} at step 1" in result.stdout
+    # Step 1 was not run again: its record, wall-clock tokens_per_s included, is the first process's.
+    assert _records(mixed)[: len(before)] == before
+    before = _records(mixed)
+    assert main(_args(mixed, tiny_corpus, "--resume", "--set", "train.sequence_parallel=1")) == 0
+    assert _records(mixed)[: len(before)] == before  # likewise steps 1-3
+    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(one), _losses(mixed), strict=True):
         assert s1 == s2
         for a, b in ((l1, l2), (v1, v2)):
             assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-4))

@@ -1,7 +1,11 @@
+import itertools
+import sys
+
 import pytest
 import torch
 
-from longctx.generation import generate, sample_next, stream
+from longctx.data import ByteTokenizer
+from longctx.generation import generate, sample_next, stream, stream_text
 from longctx.model import LanguageModel, ModelConfig
 
 
@@ -30,6 +34,23 @@ def test_stream_yields_as_it_goes_and_stops(model):
     first = next(stream(model, [1, 2], 100, temperature=0))
     tokens = list(stream(model, [1, 2], 100, temperature=0, stop=[int(first)]))
     assert len(tokens) == 1
+
+
+class _Bytes40(ByteTokenizer):
+    """Byte tokens for the 40-token model: its ids are bytes 0-39, and id 1 is eos."""
+
+    eos_id = 1
+
+
+def test_no_token_limit_ends_at_the_first_eos(model):
+    """`longctx generate --max-new-tokens -1` asks stream_text for sys.maxsize tokens: the text
+    is the sampled tokens up to the first eos (at most 100 pieces are read, so a miss fails)."""
+    tokenizer = _Bytes40()
+    sampled = generate(model, tokenizer.encode("!"), 30, temperature=1.0, seed=0)[0, 1:].tolist()
+    first_eos = sampled.index(tokenizer.eos_id)
+    pieces = stream_text(model, tokenizer, "!", sys.maxsize, temperature=1.0, seed=0)
+    text = "".join(itertools.islice(pieces, 100))
+    assert first_eos > 0 and text == tokenizer.decode(sampled[:first_eos])
 
 
 def test_top_k_and_top_p_restrict_support():
