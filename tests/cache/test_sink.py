@@ -7,8 +7,8 @@ import torch
 from longctx.cache.sink import SinkKVCache
 from longctx.generation import generate
 from longctx.model import LanguageModel, ModelConfig
-from longctx.ops.attention import attention_ref
 from longctx.ops.rope import rope
+from tests.ops.test_alibi import alibi_reference, paper_slopes
 
 SMALL = dict(vocab_size=40, d_model=32, n_heads=4, n_kv_heads=2, mlp_hidden=0)
 
@@ -23,9 +23,11 @@ def _kept(t, n_sink, window):
     return list(range(min(n_sink, t + 1))) + list(range(max(n_sink, t + 1 - window), t + 1))
 
 
-def _reference_step(mixer, x, t, n_sink, window):
+def _reference_step(mixer, x, t, n_sink, window, stream_distances=False):
     """The mixer's output for token ``t`` of ``x`` ``(batch, time, d_model)``, built from its
-    projections: the kept tokens at positions 0 .. kept - 1, the query at the last one."""
+    projections: the kept tokens at positions 0 .. kept - 1, the query at the last one (ALiBi:
+    the paper's slopes and bias written out in tests/ops/test_alibi.py).  ``stream_distances``:
+    ALiBi distances in the stream instead (what the cache must not do)."""
     q, k, v = mixer.qkv(x).split([mixer.n_heads * mixer.head_dim, *[mixer.n_kv_heads * mixer.head_dim] * 2], -1)
     q = q.view(*x.shape[:2], mixer.n_heads, -1)[:, t : t + 1]
     kept = _kept(t, n_sink, window)
@@ -34,8 +36,10 @@ def _reference_step(mixer, x, t, n_sink, window):
     if mixer.pos == "rope":
         positions = torch.arange(len(kept))
         q, k = rope(q, positions[-1:], mixer.rope_theta), rope(k, positions, mixer.rope_theta)
-    out, _ = attention_ref(q, k, v, causal=True, alibi_slopes=mixer.alibi_slopes)
-    return mixer.out(out.reshape(x.shape[0], 1, -1))
+    slopes = paper_slopes(mixer.n_heads) if mixer.pos == "alibi" else torch.zeros(mixer.n_heads)
+    positions = dict(q_pos=torch.tensor([t]), k_pos=torch.tensor(kept)) if stream_distances else {}
+    out, _ = alibi_reference(q, k, v, slopes, **positions)
+    return mixer.out(out.float().reshape(x.shape[0], 1, -1))
 
 
 @pytest.mark.parametrize("pos", ["rope", "alibi", "none"])
@@ -51,6 +55,23 @@ def test_mixer_matches_reference_token_by_token(pos, n_sink):
         expected = torch.cat([_reference_step(mixer, x, t, n_sink, window) for t in range(60)], 1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert state.seq_len == 60
+
+
+def test_alibi_distances_are_counted_in_cache_order():
+    """ALiBi with 6 heads over 2 kv heads: the kept tokens sit at positions 0 .. kept - 1, so once
+    tokens are evicted a sink's bias is its distance in the cache, not in the stream.  Each token's
+    output equals the reference with cache-order distances, and after eviction it is far from
+    the one with stream distances."""
+    mixer = _model(pos="alibi", n_heads=6, head_dim=8, init_std=0.2).blocks[0].mixer
+    n_sink, window = 3, 8
+    x = torch.randn(1, 40, SMALL["d_model"], generator=torch.Generator().manual_seed(1))
+    state = mixer.init_state(1, cache="sinks", sinks=n_sink, window=window)
+    with torch.no_grad():
+        for t in range(40):
+            got = mixer(x[:, t : t + 1], state)
+            torch.testing.assert_close(got, _reference_step(mixer, x, t, n_sink, window), atol=1e-5, rtol=1e-5)
+            if t >= n_sink + window:
+                assert (got - _reference_step(mixer, x, t, n_sink, window, stream_distances=True)).abs().max() > 1e-3
 
 
 def _stream_ids(n, start=0):

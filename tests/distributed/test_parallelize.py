@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from longctx.distributed.layout import shard_sequence
@@ -52,3 +53,17 @@ def test_training_step_equals_one_process(world, layout, pos):
         assert rank_loss == pytest.approx(loss, rel=1e-5)
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_alibi_is_refused_and_the_model_left_unchanged(tmp_path):
+    """Ring attention takes no bias, so ALiBi models are refused (the README: "ALiBi is not
+    supported split") before any seam is replaced.  A group of one process is enough to ask."""
+    model = _model("contiguous", pos="alibi")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="supports pos = rope, learned or none; ALiBi is not available"):
+            apply_sequence_parallel(model)
+    finally:
+        dist.destroy_process_group()
+    assert not {"positions", "sequence_parallel"} & vars(model).keys()
+    assert not any({"attend", "positions", "conv", "scan"} & vars(block.mixer).keys() for block in model.blocks)

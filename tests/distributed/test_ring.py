@@ -167,9 +167,32 @@ class _TensorBytes(TorchDispatchMode):
         return out
 
 
+def _sent_bytes(layout):
+    """Bytes this rank sends to the next in a forward and in a backward (local q of 6 tokens, 4
+    heads over 2 kv heads, fp32), counted at ``dist.batch_isend_irecv``, which carries all of the
+    ring's traffic; with those of a local k for scale."""
+    sent = []
+    send = dist.batch_isend_irecv
+
+    def counting(ops):
+        sent.extend(op.tensor.nbytes for op in ops if op.op is dist.isend)
+        return send(ops)
+
+    q, k, v, d_out, _ = (shard_sequence(x, None, layout) for x in _inputs(24, 4, 2))
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    dist.batch_isend_irecv = counting
+    try:
+        out, _ = ring_attention(q, k, v, layout=layout)
+        forward = sum(sent)
+        (out * d_out).sum().backward()
+    finally:
+        dist.batch_isend_irecv = send
+    return forward, sum(sent) - forward, k.nbytes
+
+
 def _more_cases(rank, world):
-    """Losses of out only, of lse only, two backward passes through a retained graph, and the
-    peak tensor memory of a forward and backward (in units of the local q)."""
+    """Losses of out only, of lse only, two backward passes through a retained graph, the peak
+    tensor memory of a forward and backward (in units of the local q) and the bytes sent."""
     results = {}
     for layout in ("contiguous", "zigzag"):
         q, k, v, d_out, d_lse = (shard_sequence(x, None, layout) for x in _inputs(24, 4, 2))
@@ -190,6 +213,7 @@ def _more_cases(rank, world):
             out, _ = ring_attention(q, k, v, layout=layout)
             (out * w).sum().backward()
         results[layout + " peak"] = counter.peak / q.nbytes
+        results[layout + " bytes"] = _sent_bytes(layout)
     return results
 
 
@@ -225,3 +249,14 @@ def test_forward_and_backward_memory_is_a_few_local_blocks(layout):
     ranks.  No copies of q or of blocks per step, no recompute (the first version peaked at 28.5)."""
     peaks = [r[layout + " peak"] for r in _more_results()]
     assert max(peaks) <= 15, peaks
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_sends_exactly_the_ideal_bytes(layout):
+    """Each of 4 ranks sends (P - 1) K/V blocks in the forward (the README's claim) and, in the
+    backward, (P - 1) K/V blocks and P dk/dv blocks (fp32 here): no block twice, none extra, and
+    GQA blocks travel with their 2 kv heads only.  A block is this rank's k and v."""
+    world = 4
+    for forward, backward, k_bytes in (r[layout + " bytes"] for r in _more_results()):
+        assert forward == (world - 1) * 2 * k_bytes
+        assert backward == (world - 1) * 2 * k_bytes + world * 2 * k_bytes

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from longctx.ops import alibi_slopes, rope
+from longctx.ops import rope
 from longctx.ops.rope import check_rope_scaling, rope_attention_factor, rope_frequencies
 
 
@@ -42,15 +42,6 @@ def test_rope_errors():
         rope(torch.randn(1, 2, 1, 3), torch.arange(2))
     with pytest.raises(ValueError, match="entries"):
         rope(torch.randn(1, 2, 1, 4), torch.arange(3))
-
-
-@pytest.mark.parametrize("n", [1, 6, 8, 12])
-def test_alibi_slopes(n):
-    s = alibi_slopes(n)
-    assert s.shape == (n,) and (s > 0).all() and (s <= 1).all()
-    if n == 8:
-        torch.testing.assert_close(s, torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
-    assert len(set(s.tolist())) == n
 
 
 SCALINGS = [
