@@ -1,5 +1,4 @@
 import itertools
-import sys
 
 import pytest
 import torch
@@ -43,12 +42,12 @@ class _Bytes40(ByteTokenizer):
 
 
 def test_no_token_limit_ends_at_the_first_eos(model):
-    """`longctx generate --max-new-tokens -1` asks stream_text for sys.maxsize tokens: the text
+    """`longctx generate --max-new-tokens -1` asks stream_text for no limit (None): the text
     is the sampled tokens up to the first eos (at most 100 pieces are read, so a miss fails)."""
     tokenizer = _Bytes40()
     sampled = generate(model, tokenizer.encode("!"), 30, temperature=1.0, seed=0)[0, 1:].tolist()
     first_eos = sampled.index(tokenizer.eos_id)
-    pieces = stream_text(model, tokenizer, "!", sys.maxsize, temperature=1.0, seed=0)
+    pieces = stream_text(model, tokenizer, "!", None, temperature=1.0, seed=0)
     text = "".join(itertools.islice(pieces, 100))
     assert first_eos > 0 and text == tokenizer.decode(sampled[:first_eos])
 
@@ -73,6 +72,8 @@ def test_prompt_too_long_for_absolute_positions():
     m = LanguageModel(ModelConfig(vocab_size=40, d_model=16, layers=["attention"], n_heads=2, pos="learned", max_seq_len=8))
     with pytest.raises(ValueError, match="exceeds this model's limit of 8"):
         generate(m, list(range(6)), 5)
+    # Without a token limit, generation stops at the position limit instead.
+    assert generate(m, list(range(6)), None, temperature=0).shape == (1, 8)
 
 
 def test_continuing_a_session_equals_one_long_generation(model):

@@ -84,7 +84,7 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer, state = _session(args)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    new_tokens = sys.maxsize if args.max_new_tokens < 0 else args.max_new_tokens
+    new_tokens = None if args.max_new_tokens == -1 else args.max_new_tokens
     for piece in stream_text(model, tokenizer, args.prompt, new_tokens, state=state, **_sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()

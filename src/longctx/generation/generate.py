@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -23,7 +24,7 @@ def _as_batch(ids) -> torch.Tensor:
 def stream(
     model,
     ids,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -35,7 +36,8 @@ def stream(
     """Yield the new tokens one step at a time, each ``(batch,)``.
 
     The prompt ``ids`` ``(time,)`` or ``(batch, time)`` is prefilled in one pass, then each
-    step feeds one token through the cache.  A sequence that produced a ``stop`` token
+    step feeds one token through the cache.  ``max_new_tokens=None`` generates until every
+    sequence stopped, or up to the model's position limit when it has one.  A sequence that produced a ``stop`` token
     keeps producing it; iteration ends when every sequence has stopped.
 
     Pass ``state`` to continue a session: ``ids`` are then the new tokens only.  The last
@@ -45,8 +47,8 @@ def stream(
     from torch's global RNG the first time).
     """
     check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, or None for no limit; got {max_new_tokens}")
     ids = _as_batch(ids).to(next(model.parameters()).device)
     if state is None:
         state = model.init_state(ids.shape[0])
@@ -59,7 +61,9 @@ def stream(
         raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos_id)")
     limit = model.position_limit(state)
     seen = state.seq_len
-    if limit is not None and seen + ids.shape[1] + max_new_tokens > limit:
+    if max_new_tokens is None:
+        max_new_tokens = sys.maxsize if limit is None else max(limit - seen - ids.shape[1], 0)
+    elif limit is not None and seen + ids.shape[1] + max_new_tokens > limit:
         raise ValueError(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds this model's "
             f"limit of {limit} positions (model.max_seq_len); shorten the prompt or generate fewer tokens"

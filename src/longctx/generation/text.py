@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from longctx.generation.generate import stream
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, *, state=None, **sampling) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int | None, *, state=None, **sampling) -> Iterator[str]:
     """Yield the generated text piece by piece (complete characters only), stopping at eos.
 
-    ``state`` continues a session (``prompt`` is then the new text, possibly empty);
+    ``max_new_tokens=None``: until eos (or the model's position limit).  ``state``
+    continues a session (``prompt`` is then the new text, possibly empty);
     ``sampling`` takes ``stream``'s arguments (temperature, top_k, top_p, seed).
     """
     ids = tokenizer.encode(prompt)
