@@ -5,6 +5,7 @@ import torch
 
 from longctx.generation import generate
 from longctx.model import ConfigError, LanguageModel, ModelConfig
+from tests.layers.mixer_state import forget, misses, run_pieces, state_parts
 
 SMALL = dict(vocab_size=40, d_model=32, n_heads=4, n_kv_heads=2, mlp_hidden=0, dilated_segments=[4, 8, 16],
              dilated_rates=[1, 2, 4])
@@ -15,20 +16,25 @@ def _model(**overrides):
     return LanguageModel(ModelConfig(**{**SMALL, "layers": ["dilated", "attention"], **overrides})).eval()
 
 
+# Piece ends of the 45 tokens: prefill pieces across segment starts (16, 32), then decoding
+# across 32, where the dilated layer's cache drops the previous segment.
+CUTS = (0, 1, 2, 17, 29, *range(30, 46))
+TOL = 1e-5
+
+
 @pytest.mark.parametrize("pos", ["rope", "alibi"])
 def test_decode_and_chunked_prefill_match_full_forward(pos):
+    """Pieces through the caches give the full pass's logits within TOL, and the test can
+    tell: with either layer's cached keys and values zeroed before each piece, the logits
+    miss by >= 100x TOL (the init's weights suffice: attention averages every cached value)."""
     model = _model(pos=pos)
     ids = torch.randint(0, 40, (2, 45), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids)
-        for splits in ([45], [5, 40], [1, 2, 17, 30]):
-            state = model.init_state(2)
-            pieces, start = [], 0
-            for stop in splits:
-                pieces.append(model(ids[:, start:stop], state))
-                start = stop
-            pieces += [model(ids[:, t : t + 1], state) for t in range(start, 45)]
-            torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run_pieces(model, ids, CUTS), full, atol=TOL, rtol=TOL)
+        for layer, part in state_parts(model):
+            miss = misses(run_pieces(model, ids, CUTS, forget(layer, part)), full, TOL)
+            assert miss >= 100, f"losing layer {layer}'s cache moves the logits only {miss:.1f}x TOL"
 
 
 def test_cache_keeps_only_the_current_longest_segment():

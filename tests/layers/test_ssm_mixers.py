@@ -9,6 +9,7 @@ import torch
 from longctx.generation import generate
 from longctx.model import LanguageModel, ModelConfig
 from longctx.train.checkpoint import save_model_weights
+from tests.layers.mixer_state import forget, make_state_matter, misses, run_pieces, state_parts
 
 SMALL = dict(vocab_size=40, d_model=32, n_heads=2, mlp_hidden=0, ssm_state=8, ssm_head_dim=16, ssm_chunk=8)
 
@@ -25,24 +26,30 @@ LAYER_SETS = {
     "hybrid": ["mamba", "attention", "mamba2"],
     "mamba-time-invariant": ["mamba", "mamba"],
 }
+# Piece ends of the 29 tokens.  Every piece after the first starts from the carried state:
+# in "prefill" each is a multi-token scan (its initial state), in "decode" each is one token
+# (Mamba's fused step, Mamba-2's ssd_step; the time-invariant Mamba scans it), "mixed" goes
+# from one to the other and back.
+SCHEDULES = {"prefill": (0, 3, 12, 29), "decode": (0, 5, *range(6, 30)), "mixed": (0, 1, 2, 15, *range(16, 30))}
+TOL = 1e-4
 
 
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("name", list(LAYER_SETS))
-def test_decode_and_chunked_prefill_match_full_forward(name):
+def test_decode_and_chunked_prefill_match_full_forward(name, schedule):
+    """Pieces through a state give the full pass's logits within TOL, and the test can tell:
+    with part of any layer's state zeroed before each piece (the SSM state, the conv tail,
+    the KV cache), the logits miss by >= 100x TOL (weights from make_state_matter)."""
     extra = {"mamba2-groups": {"ssm_groups": 2}, "mamba-time-invariant": {"ssm_selective": False}}.get(name, {})
-    model = _model(LAYER_SETS[name], **extra)
+    model = make_state_matter(_model(LAYER_SETS[name], **extra))
     ids = torch.randint(0, 40, (2, 29), generator=torch.Generator().manual_seed(1))
+    cuts = SCHEDULES[schedule]
     with torch.no_grad():
         full = model(ids)
-        for splits in ([29], [5, 24], [1, 2, 15, 16], [3, 12, 29]):  # piece ends, then one token at a time
-            state = model.init_state(2)
-            pieces, start = [], 0
-            for stop in splits:
-                pieces.append(model(ids[:, start:stop], state))
-                start = stop
-            if splits[-1] < 29:
-                pieces += [model(ids[:, t : t + 1], state) for t in range(splits[-1], 29)]
-            torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(run_pieces(model, ids, cuts), full, atol=TOL, rtol=TOL)
+        for layer, part in state_parts(model):
+            miss = misses(run_pieces(model, ids, cuts, forget(layer, part)), full, TOL)
+            assert miss >= 100, f"losing layer {layer}'s {part} state moves the logits only {miss:.1f}x TOL"
 
 
 def test_blocks_without_mlp_and_ssm_init():
@@ -57,7 +64,7 @@ def test_blocks_without_mlp_and_ssm_init():
 
 @pytest.mark.parametrize("layers", [["mamba", "mamba"], ["mamba2", "attention"]])
 def test_fork_save_restore_continue_equals_uninterrupted(tmp_path, layers):
-    model = _model(layers)
+    model = make_state_matter(_model(layers))  # so that a state restored wrong changes the tokens
     prompt = [1, 2, 3]
     whole = generate(model, prompt, 130, temperature=1.0, top_k=20, seed=5)
     state = model.init_state(1)
@@ -69,7 +76,7 @@ def test_fork_save_restore_continue_equals_uninterrupted(tmp_path, layers):
 
 
 def test_state_restores_in_another_process(tmp_path):
-    model = _model(["mamba", "mamba2"])
+    model = make_state_matter(_model(["mamba", "mamba2"]))
     weights = tmp_path / "w.safetensors"
     save_model_weights(model, weights)
     state = model.init_state(1)
@@ -115,7 +122,9 @@ def test_ssm_config_errors(overrides, match):
 
 
 def test_state_from_other_weights_is_refused_and_reset_starts_afresh(tmp_path):
-    a, b = _model(["mamba"]), _model(["mamba"])
+    """A state file from other weights is refused; after reset the logits are a fresh
+    state's, while the state carried on would miss them by >= 100x TOL."""
+    a, b = make_state_matter(_model(["mamba"])), make_state_matter(_model(["mamba"]))
     with torch.no_grad():
         b.blocks[0].mixer.D.add_(0.5)
     state = a.init_state(1)
@@ -123,9 +132,13 @@ def test_state_from_other_weights_is_refused_and_reset_starts_afresh(tmp_path):
     a.save_state(state, tmp_path / "s.safetensors")
     with pytest.raises(ValueError, match="different model"):
         b.load_state(tmp_path / "s.safetensors")
-    state.reset()
-    assert state.seq_len == 0 and not state.extra
-    torch.testing.assert_close(generate(a, [5, 6], 4, temperature=0, state=state), generate(a, [5, 6], 4, temperature=0))
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        fresh, carried_on = a(ids), a(ids, state)
+        state.reset()
+        assert state.seq_len == 0 and not state.extra
+        torch.testing.assert_close(a(ids, state), fresh, atol=TOL, rtol=TOL)
+    assert misses(carried_on, fresh, TOL) >= 100
 
 
 def test_time_invariant_mamba_has_constant_step_b_c_that_learn():

@@ -144,17 +144,47 @@ def test_step_by_step_equals_scan():
     torch.testing.assert_close(h, h_final, rtol=1e-5, atol=1e-5)
 
 
-def test_step_gradients_match_reference():
-    u, delta, A, B, C, D, z, bias, h = _inputs(time=1, groups=2, seed=4)
-    args = [u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], h, D, z[:, 0], bias]
-    step = lambda *a: ssm_step(*a[:6], D=a[6], z=a[7], delta_bias=a[8], delta_softplus=True)  # noqa: E731
-    fast = [x.clone().requires_grad_() for x in args]
-    ref = [x.double().requires_grad_() for x in args]
-    gy = torch.randn(u.shape[0], u.shape[2])
-    (step(*fast)[0] * gy).sum().backward()
-    (step(*ref)[0] * gy.double()).sum().backward()
-    for a, b in zip(fast, ref):
-        _close(a.grad, b.grad, "ssm_step grad")
+def _loop(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    """The recurrence written out from the paper's equations, one time step after another, in
+    fp64 (independent of selective_scan_ref and ssm_step): per channel c,
+    dt = softplus(delta + bias), h_t = exp(dt A) h_{t-1} + dt B_t u_t, y_t = (C_t . h_t + D u_t)
+    silu(z_t), with the B and C of group c // (channels / groups)."""
+    assert delta_softplus, "the loop writes out Mamba's softplus step"
+    u, delta, A, B, C, D, z, bias, h = (x.double() for x in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    group = torch.arange(u.shape[-1]) // (u.shape[-1] // B.shape[-2])
+    ys = []
+    for t in range(u.shape[1]):
+        dt = torch.log1p(torch.exp(delta[:, t] + bias))
+        h = torch.exp(dt[..., None] * A) * h + (dt * u[:, t])[..., None] * B[:, t, group]
+        y = (C[:, t, group] * h).sum(-1) + D * u[:, t]
+        ys.append(y * z[:, t] * torch.sigmoid(z[:, t]))
+    return torch.stack(ys, 1), h
+
+
+def _steps(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    """ssm_step token after token, the state carried."""
+    h, ys = initial_state, []
+    for t in range(u.shape[1]):
+        y, h = ssm_step(u[:, t], delta[:, t], A, B[:, t], C[:, t], h, D=D, z=z[:, t], delta_bias=delta_bias,
+                        delta_softplus=delta_softplus)
+        ys.append(y)
+    return torch.stack(ys, 1), h
+
+
+def test_steps_match_an_independent_loop():
+    """ssm_step in fp32, over 4 tokens from a random state, against _loop in fp64: outputs, final
+    state and every input's gradient.  The initial state matters: the loop started from zeros
+    misses y by >= 100x _close's tolerance."""
+    xs = _inputs(time=4, groups=2, seed=4)
+    fast = _run(_steps, xs, True)
+    ref = _run(_loop, [x.double() for x in xs], True)
+    _close(fast[0], ref[0], "y")
+    _close(fast[1], ref[1], "final state")
+    for name, a, b in zip(NAMES, fast[2], ref[2]):
+        _close(a, b, f"grad {name}")
+    y = ref[0].detach()
+    zero_start = _loop(*xs[:8], torch.zeros_like(xs[8]), True)[0]
+    assert ((zero_start - y).abs() / (1e-5 * y.abs().max() + 1e-5 * y.abs())).max() >= 100
 
 
 @pytest.mark.parametrize("split", [0, 1, 16, 31, 40])

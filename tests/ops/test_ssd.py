@@ -93,31 +93,54 @@ def test_strong_decay_stays_finite_and_exact():
     _close(fast, _run(ssd_ref, args, kw, torch.float64))
 
 
+def _misses(actual, expected, tol=1e-5):
+    """How many times over ``assert_close(actual, expected, atol=tol, rtol=tol)``'s tolerance."""
+    return ((actual - expected).abs() / (tol + tol * expected.abs())).max().item()
+
+
 def test_step_by_step_equals_scan():
+    """ssd_step token after token equals the chunked scan; the state it carries matters: the
+    same steps from a zero start state miss by >= 100x the tolerance."""
     args, kw = _inputs(2, 23, 2, softplus=True, bias=True, D="channels", init=True)
     y, final = ssd(**args, **kw, chunk_size=8)
-    state = kw.pop("initial_state")
-    ys = []
-    for t in range(23):
-        y_t, state = ssd_step(
-            args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t], args["C"][:, t], state, **kw
-        )
-        ys.append(y_t)
-    torch.testing.assert_close(torch.stack(ys, 1), y, atol=1e-5, rtol=1e-5)
+    start = kw.pop("initial_state")
+
+    def steps(state):
+        ys = []
+        for t in range(23):
+            y_t, state = ssd_step(
+                args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t], args["C"][:, t], state, **kw
+            )
+            ys.append(y_t)
+        return torch.stack(ys, 1), state
+
+    y_steps, state = steps(start)
+    torch.testing.assert_close(y_steps, y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, final, atol=1e-5, rtol=1e-5)
+    assert _misses(steps(torch.zeros_like(start))[0], y) >= 100
 
 
 @pytest.mark.parametrize("cuts", [[1], [5, 6, 40], [16, 32], [70]])
 def test_split_and_chain_equals_one_pass(cuts):
+    """Pieces chained final state -> initial state equal one pass; the carried state matters:
+    pieces after the first started from zeros miss by >= 100x the tolerance."""
     args, kw = _inputs(2, 71, 2, softplus=True, bias=True, D="heads", init=True)
     y, final = ssd(**args, **kw, chunk_size=16)
-    state, ys = kw.pop("initial_state"), []
-    for lo, hi in zip([0, *cuts], [*cuts, 71]):
-        part = {k: v if k == "A" else v[:, lo:hi] for k, v in args.items()}
-        y_part, state = ssd(**part, **kw, initial_state=state, chunk_size=16)
-        ys.append(y_part)
-    torch.testing.assert_close(torch.cat(ys, 1), y, atol=1e-5, rtol=1e-5)
+    start = kw.pop("initial_state")
+
+    def chain(carry):
+        state, ys = start, []
+        for lo, hi in zip([0, *cuts], [*cuts, 71]):
+            part = {k: v if k == "A" else v[:, lo:hi] for k, v in args.items()}
+            y_part, state = ssd(**part, **kw, initial_state=state, chunk_size=16)
+            ys.append(y_part)
+            state = carry(state)
+        return torch.cat(ys, 1), state
+
+    y_chain, state = chain(lambda s: s)
+    torch.testing.assert_close(y_chain, y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, final, atol=1e-5, rtol=1e-5)
+    assert _misses(chain(torch.zeros_like)[0], y) >= 100
 
 
 def test_dtypes_and_empty_sequence():
