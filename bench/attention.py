@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx.ops.attention import attention, attention_ref
-from machine import matmul_gflops, proc_status, write_result
+from machine import add_out_option, add_peak_option, matmul_gflops, proc_status, write_result
 
 IMPLS = ("ours", "sdpa", "ref")
 
@@ -116,6 +116,8 @@ def targets(rows: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_out_option(p)
+    add_peak_option(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -129,7 +131,7 @@ def main() -> None:
     if args.one:
         return one(args, args.one[0], int(args.one[1]))
 
-    peak_before = matmul_gflops()
+    peak_before = matmul_gflops(args.peak_size)
     rows = []
     for length in args.lengths:
         dense_gb = args.batch * args.heads * length * length * 4 / 1e9 * (5 if args.backward else 3)
@@ -157,7 +159,7 @@ def main() -> None:
         sdpa_ms = next(r["ms"] for r in rows if r["T"] == length and r["impl"] == "sdpa")
         for r in rows[len(rows) - len(impls):]:
             r["x SDPA"] = r["ms"] / sdpa_ms
-    peak_after = matmul_gflops()
+    peak_after = matmul_gflops(args.peak_size)
     peak = max(peak_before, peak_after)
     for r in rows:
         r["% peak"] = 100 * r["GFLOP/s"] / peak
@@ -167,7 +169,7 @@ def main() -> None:
              "load average (1 min)": os.getloadavg()[0],
              "matmul GFLOP/s (before, after)": f"{peak_before:.0f}, {peak_after:.0f}", **targets(rows)}
     name = "attention_" + mode.replace(" ", "_").replace("+", "_")
-    write_result(name, rows, extra)
+    write_result(name, rows, extra, out=args.out)
 
 
 if __name__ == "__main__":

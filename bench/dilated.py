@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx.ops.dilated import attended_pairs, dilated_attention, dilated_patterns
-from machine import matmul_gflops, proc_status, write_result
+from machine import add_out_option, add_peak_option, matmul_gflops, proc_status, write_result
 
 DEFAULT_LENGTHS = [4096 * 2**i for i in range(9)]  # 4K .. 1M
 
@@ -122,6 +122,8 @@ def run_case(args, impl: str, length: int, mode: str = "--one") -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_out_option(p)
+    add_peak_option(p)
     p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -143,7 +145,7 @@ def main() -> None:
         return pair(args, args.pair)
     args.patterns_for = args.patterns_for or max(args.lengths)
 
-    peak_gflops = matmul_gflops()
+    peak_gflops = matmul_gflops(args.peak_size)
     rows, last = [], {}
     for length in args.lengths:
         for impl in ("dilated", "sdpa"):
@@ -204,7 +206,7 @@ def main() -> None:
         "speedup over sdpa at 64K": (round(dense[65536]["s"] / ours[65536]["s"], 2)
                                      if 65536 in ours and 65536 in dense else "not run"),
     }
-    write_result("dilated", rows, extra)
+    write_result("dilated", rows, extra, out=args.out)
 
 
 if __name__ == "__main__":

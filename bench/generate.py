@@ -30,7 +30,7 @@ import torch
 from longctx.generation import generate
 from longctx.model import LanguageModel, ModelConfig
 from longctx.model.hf import from_hf
-from machine import memory_gbps, write_result
+from machine import add_out_option, memory_gbps, write_result
 
 VOCAB = 264
 SAMPLES = 20  # timed bursts of decode steps per context
@@ -87,6 +87,7 @@ def context_state(model: LanguageModel, context: int, room: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_out_option(p)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -143,7 +144,7 @@ def main() -> None:
         f"attention step {hi} / {lo}": step_ms[("attention", hi)] / step_ms[("attention", lo)],
         "memory GB/s (machine)": memory_gbps(),
     }
-    write_result("generate", rows, extra)
+    write_result("generate", rows, extra, out=args.out)
 
 
 if __name__ == "__main__":

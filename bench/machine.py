@@ -5,7 +5,9 @@
 - ``memory_gbps``: best of several copies of a 256 MiB tensor, (bytes read + written) / time.
 - ``machine_info``: torch version, thread count, CPU model.
 - ``write_result``: print rows as an aligned plain-text table and write
-  ``bench/results/<name>.json`` (rows, extra, machine info).
+  ``<name>.json`` (rows, extra, machine info) in ``bench/results/``, or in the directory
+  of the ``--out`` option that ``add_out_option`` gives a script.
+- ``add_peak_option``: a script's ``--peak-size``, the ``n`` of ``matmul_gflops``.
 
 Benchmark scripts import this module as ``from machine import ...``; it works because
 ``python bench/<script>.py`` puts ``bench/`` first on ``sys.path``.  Run this file alone
@@ -103,13 +105,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_result(name: str, rows: list[dict], extra: dict | None = None) -> Path:
-    """Print ``rows`` as a table (plus ``extra`` as key: value lines) and save them as JSON."""
+def add_out_option(parser) -> None:
+    parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR",
+                        help="directory for the JSON result (default bench/results)")
+
+
+def add_peak_option(parser) -> None:
+    parser.add_argument("--peak-size", type=int, default=2048, metavar="N",
+                        help="n of the n x n matmuls that measure this machine's peak (default 2048)")
+
+
+def write_result(name: str, rows: list[dict], extra: dict | None = None, out: Path = RESULTS) -> Path:
+    """Print ``rows`` as a table (plus ``extra`` as key: value lines) and save them as
+    ``out/<name>.json``."""
     print(format_table(rows))
     for key, value in (extra or {}).items():
         print(f"{key}: {_fmt(value)}")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     payload = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
                "extra": extra or {}, "rows": rows}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -50,7 +50,7 @@ import time
 import torch
 
 from longctx.ops.scan import selective_scan, selective_scan_ref
-from machine import memory_gbps, proc_status, write_result
+from machine import add_out_option, memory_gbps, proc_status, write_result
 
 IMPLS = ("ours", "ref", "hf")
 
@@ -221,7 +221,7 @@ def bench(args) -> None:
     notes.update(targets(rows))
     notes.update({"channels": args.channels, "state": args.state, "batch": args.batch, "memory GB/s": gbps,
                   "load average (1 min)": os.getloadavg()[0]})
-    write_result("scan", rows, notes)
+    write_result("scan", rows, notes, out=args.out)
 
 
 def targets(rows) -> dict:
@@ -287,7 +287,8 @@ def candidates(args) -> None:
         rows.append({"candidate": name, "T": length, "fwd ms": 1e3 * statistics.median(fwd),
                      "fwd+bwd ms": 1e3 * statistics.median(fb), "first call s": first})
         print(rows[-1], flush=True)
-    write_result("scan_candidates", rows, {"channels": args.channels, "state": args.state, "batch": args.batch})
+    write_result("scan_candidates", rows, {"channels": args.channels, "state": args.state, "batch": args.batch},
+                 out=args.out)
 
 
 DEFAULT_LENGTHS = [1024, 4096, 16384]
@@ -295,6 +296,7 @@ DEFAULT_LENGTHS = [1024, 4096, 16384]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_out_option(p)
     p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"])
     p.add_argument("--channels", type=int, default=1536)

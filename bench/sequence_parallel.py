@@ -6,6 +6,7 @@ Usage (from the repo root)::
                                                           # (~8-12 min, depending on the machine's load)
     python bench/sequence_parallel.py --length 1024 --start 512 --max-length 2048 --budget-mb 300
     python bench/sequence_parallel.py --layout zigzag --d-model 512 --layers mamba attention
+    python bench/sequence_parallel.py --worlds 1 2        # P = 1, 2 only
 
 Model: a hybrid ``LanguageModel`` (default layers mamba, attention, mamba, attention; d_model
 256, 4 heads, no MLP, vocabulary 264), fp32, batch 1, built identically (seed 0) on every rank.
@@ -59,8 +60,8 @@ times are indicative.  In each rank:
 
 Parts:
 
-1. Fixed total length ``T = --length`` for P = 1, 2, 4: per-rank act, tensor and peak MB,
-   step seconds, and act / tensor MB x P relative to P = 1 (1 = proportional to T/P).
+1. Fixed total length ``T = --length`` for P = 1, 2, 4 (``--worlds``): per-rank act, tensor and
+   peak MB, step seconds, and act / tensor MB x P relative to P = 1 (1 = proportional to T/P).
 2. Memory budget: for each P, T doubles while the step's per-rank peak stays within
    ``--budget-mb`` (the step's extra peak, as above), up to ``--max-length``; doubling also
    stops after a step takes over ``--max-seconds``.  When the budget stopped it, ``--refine``
@@ -103,11 +104,10 @@ import torch.nn.functional as F
 from longctx.distributed.layout import shard_sequence
 from longctx.distributed.parallelize import all_reduce_gradients, apply_sequence_parallel
 from longctx.model import LanguageModel, ModelConfig
-from machine import proc_status, write_result
+from machine import add_out_option, proc_status, write_result
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-WORLDS = (1, 2, 4)
 WARMUP_LOCAL = 64  # local tokens of the warmup step
 MB = 2**20
 # glibc malloc: requests from 64 KiB up are mmap'ed and unmapped when freed (a fixed value also
@@ -360,7 +360,7 @@ def traffic(case: dict) -> dict:
 
 def fixed_length_rows(args) -> tuple[list[dict], dict]:
     rows, cases = [], {}
-    for world in WORLDS:
+    for world in args.worlds:
         case = run_case(args, world, args.length, args.steps, tensor_bytes=True)
         cases[(world, args.length)] = case
         t, ideal = traffic(case), ring_ideal(args, world, args.length)
@@ -392,7 +392,7 @@ def budget_rows(args, cases: dict) -> list[dict]:
     starts at ``--start``; a larger P at the previous P's largest T (memory grows with T, so
     the lengths below it need no run when it fits), halving while that does not fit."""
     rows, previous = [], None
-    for world in WORLDS:
+    for world in args.worlds:
         tried = []
 
         def measure(length: int) -> tuple[dict, bool]:
@@ -497,6 +497,9 @@ def targets(args, fixed_rows: list[dict], budget: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_out_option(p)
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4], metavar="P",
+                   help="process counts, increasing from 1 (default 1 2 4)")
     p.add_argument("--length", type=int, default=8192, help="total tokens of the fixed-length part")
     p.add_argument("--steps", type=int, default=1, help="timed steps after the measured one (fixed-length part)")
     p.add_argument("--start", type=int, default=2048, help="first total length of the budget search")
@@ -520,10 +523,13 @@ def main() -> None:
     args = p.parse_args()
     if args.rank is not None:
         return rank_main(args)
-    multiple = 2 * max(WORLDS) if args.layout == "zigzag" else max(WORLDS)
+    if args.worlds[0] != 1 or sorted(set(args.worlds)) != args.worlds:
+        p.error(f"--worlds must increase from 1 (the baseline); got {args.worlds}")
+    multiple = 2 * max(args.worlds) if args.layout == "zigzag" else max(args.worlds)
     for name in ("length", "start"):
         if getattr(args, name) % multiple:
-            p.error(f"--{name} must be a multiple of {multiple} ({args.layout} layout over up to {max(WORLDS)} ranks)")
+            p.error(f"--{name} must be a multiple of {multiple} ({args.layout} layout over up to {max(args.worlds)} "
+                    "ranks)")
 
     t0 = time.perf_counter()
     rows, cases = fixed_length_rows(args)
@@ -542,7 +548,7 @@ def main() -> None:
         extra.update({k: v for k, v in targets(args, rows, [{"largest T": "-", "stopped by": "not run"}]).items()
                       if "linear in P" not in k})
     write_result("sequence_parallel" + ("" if args.layout == "contiguous" else "_" + args.layout),
-                 rows + budget, extra)
+                 rows + budget, extra, out=args.out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 
 from longctx.eval import stream_nll
 from longctx.model import LanguageModel, ModelConfig
-from machine import matmul_gflops, write_result
+from machine import add_out_option, add_peak_option, matmul_gflops, write_result
 
 VOCAB = 264
 
@@ -46,6 +46,8 @@ def steady_ms(result, after: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_out_option(p)
+    add_peak_option(p)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -62,7 +64,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=VOCAB, d_model=args.d_model, layers=["attention"] * args.layers, n_heads=args.heads)
     model = LanguageModel(config).eval()
-    peak = matmul_gflops()
+    peak = matmul_gflops(args.peak_size)
     rows, extra = [], {}
     for window in args.windows:
         span = args.sinks + window
@@ -95,7 +97,7 @@ def main() -> None:
                       f"weights; {args.tokens} timed tokens after the first L, median of {args.repeats}; "
                       f"{torch.get_num_threads()} thread(s)")
     extra["matmul GFLOP/s (machine, fp32)"] = peak
-    write_result("stream", rows, extra)
+    write_result("stream", rows, extra, out=args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from longctx.model.config import ModelConfig
 from longctx.model.lm import LanguageModel
 from longctx.train.config import TrainConfig
 from longctx.train.optim import make_optimizer
-from machine import matmul_gflops, write_result
+from machine import add_out_option, add_peak_option, matmul_gflops, write_result
 
 
 def step(model, fwd, opt, ids) -> tuple[float, float, float]:
@@ -49,6 +49,8 @@ def step(model, fwd, opt, ids) -> tuple[float, float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_out_option(p)
+    add_peak_option(p)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
@@ -70,12 +72,12 @@ def main() -> None:
     fwd = torch.compile(model) if args.compile else model
     opt = make_optimizer(model, TrainConfig())  # the optimizer `longctx train` uses
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1))
-    peak_before = matmul_gflops()
+    peak_before = matmul_gflops(args.peak_size)
 
     for _ in range(args.warmup):
         step(model, fwd, opt, ids)
     phases = [step(model, fwd, opt, ids) for _ in range(args.steps)]
-    peak_after = matmul_gflops()
+    peak_after = matmul_gflops(args.peak_size)
     peak = max(peak_before, peak_after) * 1e9
 
     fwd_s, bwd_s, opt_s = (statistics.median(x) for x in zip(*phases))
@@ -104,7 +106,7 @@ def main() -> None:
         "target MFU >= 30%": "MET" if mfu >= 0.3 else "MISSED",
     }
     name = "train_throughput" + ("_compiled" if args.compile else "")
-    write_result(name, rows, extra)
+    write_result(name, rows, extra, out=args.out)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

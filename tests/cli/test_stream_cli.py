@@ -3,11 +3,13 @@ Hugging Face checkpoint directories used directly (with the tokenizer beside the
 
 import io
 import json
+import math
 
 import pytest
 
 from longctx.cli.main import main
 from tests.cli.test_cli import TINY
+from tests.cli.test_ssm_cli import split_session
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +31,23 @@ def test_stream_eval_compares_policies(run, tmp_path, capsys):
     table = capsys.readouterr().out
     assert all(p in table for p in ("dense", "window", "sinks", "recompute"))
     assert {f.name for f in (tmp_path / "out").iterdir()} == {"stream.png", "stream.md", "stream.json"}
+    report = json.loads((tmp_path / "out" / "stream.json").read_text())
+    for r in report.values():
+        assert r["tokens"] == 120 and [s["end"] - s["start"] for s in r["segments"]] == [40, 40, 40]
+        assert math.isfinite(r["ppl"])
+    # One cache size, 2 + 14 tokens: held from the first segment on by window and sinks;
+    # recompute keeps no state; the dense cache grows.
+    assert {p: r["span"] for p, r in report.items()} == {"dense": None, "window": 16, "sinks": 16, "recompute": 16}
+    cache = {p: [s["cache_bytes"] for s in r["segments"]] for p, r in report.items()}
+    assert len(set(cache["window"])) == len(set(cache["sinks"])) == 1 and cache["recompute"] == [0, 0, 0]
+    assert cache["dense"][0] < cache["dense"][-1]
     assert main([*args, "--cache", "sinks", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)["sinks"]
-    assert result["tokens"] == 120 and [s["end"] - s["start"] for s in result["segments"]] == [40, 40, 40]
+    assert json.loads(capsys.readouterr().out)["sinks"]["nll"] == report["sinks"]["nll"]
     assert main([*args, "--cache", "sinks,lru"]) == 2
     assert "unknown stream policies ['lru']" in capsys.readouterr().err
 
 
-def test_generate_with_sinks_streams_past_the_window(run, capsys):
+def test_generate_with_sinks_streams_past_the_window(run, tmp_path, capsys):
     capsys.readouterr()
     gen = ["generate", str(run), "--temperature", "0", "--prompt", "def f"]
     assert main([*gen, "--max-new-tokens", "12"]) == 0
@@ -44,8 +55,9 @@ def test_generate_with_sinks_streams_past_the_window(run, capsys):
     # While sinks + window hold every token, the sink cache is the dense cache.
     assert main([*gen, "--max-new-tokens", "12", "--cache", "sinks", "--sinks", "2", "--window", "30"]) == 0
     assert capsys.readouterr().out == dense
-    assert main([*gen, "--max-new-tokens", "300", "--cache", "sinks", "--sinks", "2", "--window", "16"]) == 0
-    assert len(capsys.readouterr().out) > 250  # 300 byte tokens through a cache of 18
+    # 120 tokens through a cache of 2 + 16 (each layer keeps 18 of the 119 fed), in one session or two.
+    state = split_session(run, ["--cache", "sinks", "--sinks", "2", "--window", "16"], tmp_path, capsys, 60, 60)
+    assert {tuple(state[f"layers.{i}.kept_k"].shape) for i in (0, 1)} == {(1, 18, 2, 16)}
 
 
 def test_generate_cache_errors(run, capsys):
