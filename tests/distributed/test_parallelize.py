@@ -55,13 +55,22 @@ def test_training_step_equals_one_process(world, layout, pos):
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_alibi_is_refused_and_the_model_left_unchanged(tmp_path):
-    """Ring attention takes no bias, so ALiBi models are refused (the README: "ALiBi is not
-    supported split") before any seam is replaced.  A group of one process is enough to ask."""
-    model = _model("contiguous", pos="alibi")
+@pytest.mark.parametrize("overrides,match", [
+    (dict(pos="alibi"), "supports pos = rope, learned or none; ALiBi is not available"),
+    (dict(attn_window=8, layers=["mamba", "attention"]), "cannot apply model.attn_window"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16}),
+     "dynamic RoPE scaling depends on the whole sequence's length"),
+])
+def test_what_cannot_run_split_is_refused_and_the_model_left_unchanged(tmp_path, overrides, match):
+    """Ring attention takes no bias and attends to every earlier token, and a shard does not
+    know the sequence's length, so ALiBi (the README: "ALiBi is not supported split"),
+    sliding windows and dynamic RoPE scaling are refused before any seam is replaced.  A
+    group of one process is enough to ask."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(**{**CONFIG, "layers": LAYERS["contiguous"], **overrides}))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        with pytest.raises(ValueError, match="supports pos = rope, learned or none; ALiBi is not available"):
+        with pytest.raises(ValueError, match=match):
             apply_sequence_parallel(model)
     finally:
         dist.destroy_process_group()

@@ -151,18 +151,6 @@ def test_window_cache_and_sink_caches(tmp_path):
         model.init_state(1, cache="sinks", sinks=4, window=8)
 
 
-def test_sequence_parallel_seams_refuse_what_they_cannot_do():
-    model = LanguageModel(ModelConfig(vocab_size=VOCAB, d_model=32, layers=["attention"], n_heads=4, attn_window=8))
-    model.blocks[0].mixer.attend = lambda q, k, v, kv_start, state: q
-    with pytest.raises(ValueError, match="attn_window.*replaced"):
-        model(IDS)
-    model = LanguageModel(ModelConfig(vocab_size=VOCAB, d_model=32, layers=["attention"], n_heads=4, rope_scaling={
-        "rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16}))
-    model.blocks[0].mixer.positions = lambda start, time, device: torch.arange(start, start + time)
-    with pytest.raises(ValueError, match="dynamic RoPE.*replaced positions"):
-        model(IDS)
-
-
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama") / "hf"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
+from longctx.cache.base import LayerState
 
-class KVCache:
+
+class KVCache(LayerState):
     """Keys and values of positions ``start .. seq_len - 1``, ``(batch, seq_len - start,
     kv_heads, head_dim)``, grown in place.
 
@@ -75,6 +79,9 @@ class KVCache:
     def reset(self) -> None:
         self._k = self._v = None
         self.seq_len = self.start = self._base = 0
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        return [t for t in (self._k, self._v) if t is not None]
 
     def fork(self) -> KVCache:
         """An independent copy: updating either cache leaves the other as it was."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
+
+from longctx.cache.base import LayerState, storage_nbytes
 
 
 @dataclass
@@ -17,16 +17,22 @@ class ModelState:
     not fed yet and its sampler's RNG there); they are saved and restored with the state.
     """
 
-    layers: list[Any]
+    layers: list[LayerState]
     seq_len: int = 0
     batch_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
 
     def reset(self) -> None:
         for s in self.layers:
             s.reset()
         self.seq_len = 0
         self.extra.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor storage held by the layers' states and ``extra``, each storage once."""
+        tensors = [t for layer in self.layers for t in layer.tensors()]
+        return storage_nbytes(tensors + [t for t in self.extra.values() if isinstance(t, torch.Tensor)])
 
     def fork(self) -> ModelState:
         """An independent copy of the session (every layer's state and the ``extra``

@@ -3,9 +3,11 @@ of the stream plus a window of the most recent ones, in constant memory."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
+
+from longctx.cache.base import DEFAULT_SINKS, DEFAULT_WINDOW, LayerState
 
 # Version of what state_dict's keys mean: 2 = as the layer gave them (RoPE: rotated at their
 # stream positions), the sinks as first cached.  Version 1 (no "format" entry) held keys before
@@ -13,7 +15,7 @@ import torch
 STATE_FORMAT = 2
 
 
-class SinkKVCache:
+class SinkKVCache(LayerState):
     """Keys and values of the first ``n_sink`` tokens (the attention sinks) and of the last
     ``window`` tokens, ``(batch, kept, kv_heads, head_dim)`` with ``kept = min(seq_len,
     n_sink + window)``; ``n_sink = 0`` is plain window attention.
@@ -35,7 +37,7 @@ class SinkKVCache:
     share of that move, and memory is constant however long the stream.
     """
 
-    def __init__(self, batch_size: int, n_sink: int = 4, window: int = 1020) -> None:
+    def __init__(self, batch_size: int, n_sink: int = DEFAULT_SINKS, window: int = DEFAULT_WINDOW) -> None:
         if not isinstance(n_sink, int) or isinstance(n_sink, bool) or n_sink < 0:
             raise ValueError(f"the number of attention sinks must be an integer >= 0; got {n_sink!r}")
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -130,6 +132,9 @@ class SinkKVCache:
     def reset(self) -> None:
         self._k = self._v = self._sink_k = None
         self._lo = self._end = self.seq_len = 0
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        return [t for t in (self._k, self._v, self._sink_k) if t is not None]
 
     def fork(self) -> SinkKVCache:
         """An independent copy: updating either cache leaves the other as it was."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
+from longctx.cache.base import LayerState
 
-class SSMState:
+
+class SSMState(LayerState):
     """``conv``: the last ``kernel - 1`` conv inputs, ``(batch, conv_channels, kernel - 1)``;
     ``ssm``: the SSM state, fp32 (``(batch, channels, state)`` for Mamba,
     ``(batch, heads, head_dim, state)`` for Mamba-2).  Both start at zero, so a fresh state
@@ -33,6 +37,9 @@ class SSMState:
     def reset(self) -> None:
         self.conv = self.ssm = None
         self.seq_len = 0
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        return [t for t in (self.conv, self.ssm) if t is not None]
 
     def fork(self) -> SSMState:
         """An independent copy: updating either state leaves the other as it was."""

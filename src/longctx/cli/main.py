@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from longctx.cache import DEFAULT_SINKS, DEFAULT_WINDOW
 from longctx.cli.tasks import add_task_commands
 from longctx.data import DataError
 from longctx.model import ConfigError
@@ -253,8 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache", choices=("dense", "sinks", "window"), default="dense",
                        help="attention KV cache: every token (dense), the first --sinks plus the last --window "
                             "(sinks: StreamingLLM, constant memory however long), or the last --window only")
-        p.add_argument("--sinks", type=int, default=4, help="sink tokens kept with --cache sinks (default 4)")
-        p.add_argument("--window", type=int, default=1020, help="recent tokens kept with --cache sinks|window")
+        p.add_argument("--sinks", type=int, default=DEFAULT_SINKS,
+                       help=f"sink tokens kept with --cache sinks (default {DEFAULT_SINKS})")
+        p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                       help=f"recent tokens kept with --cache sinks|window (default {DEFAULT_WINDOW})")
         p.add_argument("--save-state", metavar="FILE", help="save the session (caches, states, sampler) when done")
         p.add_argument("--load-state", metavar="FILE",
                        help="continue a saved session (give the --cache options it was made with)")
@@ -297,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="sinks,recompute",
                    help="policies, comma-separated: dense, window, sinks, recompute (attention models), "
                         "state (recurrent models); default sinks,recompute")
-    p.add_argument("--sinks", type=int, default=4, help="sink tokens (default 4)")
-    p.add_argument("--window", type=int, default=1020,
-                   help="recent tokens; window and recompute use sinks + window in all, like sinks")
+    p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help=f"sink tokens (default {DEFAULT_SINKS})")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help=f"recent tokens (default {DEFAULT_WINDOW}); window and recompute use sinks + window in all, "
+                        "like sinks")
     p.add_argument("--tokens", type=int, default=None, help="stream only the first N tokens")
     p.add_argument("--segment", type=int, default=256, help="tokens per reported segment")
     p.add_argument("--max-len", type=int, default=None, help="dense: stop after this many tokens")

@@ -39,15 +39,14 @@ def _no_state(state, name: str) -> None:
 def apply_sequence_parallel(model, group=None, layout: str = "contiguous"):
     """Make ``model`` (a ``LanguageModel``) run on sequences split over ``group`` in ``layout``;
     returns the same object.  Raises ``ValueError`` for what cannot run split: ALiBi
-    (ring attention takes no bias), dilated layers with the zigzag layout, unknown mixers."""
+    (ring attention takes no bias), sliding-window attention, dynamic RoPE scaling, dilated
+    layers with the zigzag layout, unknown mixers."""
     check_layout(layout)
     if model.config.sink_token:
         raise ValueError("sequence parallelism does not support model.sink_token (the sink is prepended to "
                          "the whole sequence, not to each shard); train it in one process")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if model.config.pos == "alibi":
-        raise ValueError("sequence parallelism supports pos = rope, learned or none; ALiBi is not available "
-                         "in ring attention")
+    _check_splittable(model.config)
 
     def positions(start: int, time: int, device) -> torch.Tensor:
         return start + local_positions(time * world, rank, world, layout, device=device)
@@ -72,6 +71,19 @@ def apply_sequence_parallel(model, group=None, layout: str = "contiguous"):
             mixer.positions = positions
     model.sequence_parallel = {"group": group, "layout": layout, "world": world}
     return model
+
+
+def _check_splittable(config) -> None:
+    """Refuse, before any seam is replaced, what the split seams cannot compute."""
+    if config.pos == "alibi":
+        raise ValueError("sequence parallelism supports pos = rope, learned or none; ALiBi is not available "
+                         "in ring attention")
+    if config.attn_window is not None and "attention" in config.layers:
+        raise ValueError("ring attention attends to every earlier token, so it cannot apply model.attn_window "
+                         "(sliding-window attention); run sliding-window models in one process")
+    if (config.rope_scaling or {}).get("rope_type") == "dynamic":
+        raise ValueError("dynamic RoPE scaling depends on the whole sequence's length, which a rank's shard does "
+                         "not give; run it in one process")
 
 
 def _ring_attend(group, layout):

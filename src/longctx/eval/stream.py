@@ -32,7 +32,7 @@ cache policies raise ``ValueError`` for it (``state`` likewise for models with a
 Per segment of ``segment`` predictions: mean nll and perplexity, milliseconds per token
 (wall time of the segment's model calls and loss), the process's resident memory (RSS, from
 ``/proc/self/statm``; None where that file does not exist) and the bytes of tensor storage
-the model state holds (``state_nbytes``; 0 for ``recompute``, which keeps no state).
+the model state holds (``ModelState.nbytes``; 0 for ``recompute``, which keeps no state).
 """
 
 from __future__ import annotations
@@ -50,14 +50,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from longctx.cache.kv import KVCache
-from longctx.cache.model_state import ModelState
-from longctx.cache.sink import SinkKVCache
+from longctx.cache import CACHE_POLICIES, DEFAULT_SINKS, DEFAULT_WINDOW, KVCache, SinkKVCache
 from longctx.eval.plotting import pyplot, save_figure
 
-POLICIES = ("dense", "window", "sinks", "recompute", "state")
-CACHE_POLICIES = ("dense", "window", "sinks", "recompute")  # models with attention layers
-DEFAULT_SINKS, DEFAULT_WINDOW = 4, 1020  # the paper's 4 + 1020
+# The attention caches, the quality reference that re-encodes each window from scratch,
+# and ``state``: the recurrent state of models without attention layers.
+ATTENTION_POLICIES = (*CACHE_POLICIES, "recompute")
+POLICIES = (*ATTENTION_POLICIES, "state")
 ON_LIMIT = ("error", "stop")
 # Auto batch of recompute windows: logits and activations of one batch stay under this.
 _RECOMPUTE_BUDGET = 256 * 2**20
@@ -146,24 +145,6 @@ def rss_bytes() -> int | None:
         return None
 
 
-def state_nbytes(state: ModelState | None) -> int:
-    """Bytes of tensor storage a model state holds: every tensor attribute of every layer
-    state (KV storage including its unused room, conv and SSM states) and ``state.extra``,
-    each storage counted once."""
-    if state is None:
-        return 0
-    seen, total = set(), 0
-    tensors = [v for layer in state.layers for v in vars(layer).values()] + list(state.extra.values())
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            storage = t.untyped_storage()
-            key = (storage.data_ptr(), t.device)
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
-    return total
-
-
 def has_attention_cache(model) -> bool:
     """Whether any layer of ``model`` keeps a KV cache (attention, dilated attention)."""
     return any(isinstance(s, (KVCache, SinkKVCache)) for s in model.init_state(1).layers)
@@ -179,7 +160,7 @@ def applicable_policies(model) -> tuple[str, ...]:
         model.init_state(1, cache="window", window=1)
     except ValueError:
         return ("dense", "recompute")
-    return CACHE_POLICIES
+    return ATTENTION_POLICIES
 
 
 def _as_stream(ids, device, vocab_size: int) -> torch.Tensor:
@@ -250,7 +231,7 @@ def stream_nll(
     attention = has_attention_cache(model)
     if attention and cache == "state":
         raise ValueError("cache='state' is for models without attention layers (it only carries their recurrent "
-                         f"state); this model has attention layers: choose one of {', '.join(CACHE_POLICIES)}")
+                         f"state); this model has attention layers: choose one of {', '.join(ATTENTION_POLICIES)}")
     if not attention and cache != "state":
         raise ValueError(f"this model has no attention layers ({', '.join(sorted(set(model.config.layers)))}), so "
                          f"the cache policy {cache!r} does not apply; use cache='state', which carries the "
@@ -322,7 +303,7 @@ def _segment(result: StreamResult, nll: torch.Tensor, start: int, end: int, t0: 
     mean = float(nll[start:end].double().mean())
     seconds = time.perf_counter() - t0
     result.segments.append(StreamSegment(start, end, mean, _ppl(mean), 1e3 * seconds / (end - start), rss_bytes(),
-                                         state_nbytes(state)))
+                                         0 if state is None else state.nbytes))
     result.seconds += seconds
 
 

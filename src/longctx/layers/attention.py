@@ -5,14 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from longctx.cache.kv import KVCache
-from longctx.cache.sink import SinkKVCache
+from longctx.cache import DEFAULT_SINKS, DEFAULT_WINDOW, KVCache, SinkKVCache, check_policy
 from longctx.layers.registry import register_mixer
 from longctx.ops.alibi import alibi_slopes
 from longctx.ops.attention import attention
 from longctx.ops.rope import rope
-
-CACHE_POLICIES = ("dense", "window", "sinks")
 
 
 @register_mixer("attention")
@@ -48,13 +45,14 @@ class Attention(nn.Module):
         )
 
     def init_state(
-        self, batch_size: int, max_len: int | None = None, cache: str = "dense", sinks: int = 4, window: int = 1020
+        self, batch_size: int, max_len: int | None = None, cache: str = "dense", sinks: int = DEFAULT_SINKS,
+        window: int = DEFAULT_WINDOW,
     ) -> KVCache | SinkKVCache:
         """An empty cache for ``batch_size`` sequences, by policy:
 
         - ``"dense"``: a ``KVCache`` of every token (``max_len``, when known, sizes it once);
         - ``"sinks"``: a ``SinkKVCache`` of the first ``sinks`` tokens and the last ``window``
-          (StreamingLLM; the default 4 + 1020 is the paper's);
+          (StreamingLLM; the defaults ``DEFAULT_SINKS`` + ``DEFAULT_WINDOW`` are the paper's 4 + 1020);
         - ``"window"``: the last ``window`` tokens only (``sinks`` is ignored).
 
         Sink and window caches have a fixed size (``max_len`` is ignored) and refuse
@@ -62,9 +60,7 @@ class Attention(nn.Module):
         absolute positions before any layer, so cached tokens cannot be re-positioned.
         With ``model.max_seq_len`` set, the cache may hold at most that many positions.
         """
-        if cache not in CACHE_POLICIES:
-            raise ValueError(f"unknown cache policy {cache!r}; choose one of {', '.join(CACHE_POLICIES)}")
-        if cache == "dense":
+        if check_policy(cache) == "dense":
             return KVCache(batch_size, max_len)
         state = SinkKVCache(batch_size, sinks if cache == "sinks" else 0, window)
         if self.pos == "learned":
@@ -97,19 +93,12 @@ class Attention(nn.Module):
         if state is not None:
             kv_start = state.start
             k, v = state.update(k, v)
-        if self.window is not None and "attend" in vars(self):
-            raise ValueError("model.attn_window is applied by Attention.attend, which this layer has replaced "
-                             "(sequence parallelism), and the replacement attends to every earlier token; run "
-                             "sliding-window models in one process")
         out = self.attend(q, k, v, kv_start, state)
         if self.window is not None and isinstance(state, KVCache):
             state.trim(state.seq_len - self.window + 1)  # the next query sees no key before this
         return self.out(out.reshape(batch, time, -1))
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
-        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "dynamic" and "positions" in vars(self):
-            raise ValueError("dynamic RoPE scaling depends on the whole sequence's length, which this layer's "
-                             "replaced positions (sequence parallelism) do not give; run it in one process")
         return rope(x, positions, self.rope_theta, scaling=self.rope_scaling, seq_len=seq_len)
 
     def _attend_in_cache(self, q, k, v, state: SinkKVCache) -> torch.Tensor:

@@ -105,7 +105,7 @@ class LanguageModel(nn.Module):
     def load_state(self, path, **cache_options) -> ModelState:
         """A state restored from ``save_state``'s file; refused if saved by a model with
         another config or other weights.  Pass the ``cache_options`` the state was made
-        with (``init_state``), e.g. ``cache="sinks", sinks=4, window=1020``."""
+        with (``init_state``), e.g. ``cache="sinks", sinks=4, window=252``."""
         return load_state(path, lambda batch_size: self.init_state(batch_size, **cache_options), self.fingerprint())
 
     def _check_ids(self, ids: torch.Tensor, start: int, limit: int | None) -> None:

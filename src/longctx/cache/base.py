@@ -1,0 +1,74 @@
+"""What every per-layer state provides, and the cache policies of attention layers.
+
+A layer's state (``KVCache``, ``SinkKVCache``, ``SSMState``) is what the layer needs from
+the tokens it has seen to process the next ones.  ``ModelState`` holds one per block and
+relies only on this interface, as do session files, streaming evaluation and forking.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+import torch
+
+# KV cache policies of attention layers (``Attention.init_state(cache=...)``):
+# every token; the last ``window``; the first ``sinks`` and the last ``window`` (StreamingLLM).
+CACHE_POLICIES = ("dense", "window", "sinks")
+# StreamingLLM's cache: 4 attention sinks and a window of 1020 recent tokens.
+DEFAULT_SINKS, DEFAULT_WINDOW = 4, 1020
+
+
+class LayerState(ABC):
+    """One layer's state for ``batch_size`` sequences.
+
+    ``seq_len`` counts the tokens the layer has seen (kept or not).  ``state_dict`` gives
+    tensors only (safetensors), and ``load_state_dict`` of a fresh state of the same layer
+    restores it exactly; ``fork`` is an independent copy.
+    """
+
+    batch_size: int
+    seq_len: int
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget every token: the state of a fresh sequence."""
+
+    @abstractmethod
+    def tensors(self) -> Iterable[torch.Tensor]:
+        """The tensors the state holds (for ``nbytes``)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The state as named tensors; ``{}`` for a state that has seen nothing."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace this state with one from ``state_dict`` (raises ``ValueError`` if it does not fit)."""
+
+    @abstractmethod
+    def fork(self) -> LayerState:
+        """An independent copy: updating either state leaves the other as it was."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor storage held (allocated room included), each storage counted once."""
+        return storage_nbytes(self.tensors())
+
+
+def storage_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def check_policy(cache: str) -> str:
+    if cache not in CACHE_POLICIES:
+        raise ValueError(f"unknown cache policy {cache!r}; choose one of {', '.join(CACHE_POLICIES)}")
+    return cache
