@@ -11,7 +11,7 @@ TINY = ["--train-len", "24", "--steps", "3", "--set", "model.d_model=16", "--set
 
 def test_train_then_eval_json(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["task", "train", "--task", "induction", "--preset", "mamba", "--out", str(run), "--quiet", *TINY]) == 0
+    assert main(["task", "train", "--task", "induction", "--arch", "mamba", "--out", str(run), "--quiet", *TINY]) == 0
     assert "induction / mamba: step 3/3" in capsys.readouterr().out
     assert main(["task", "eval", str(run), "--lengths", "24,48,...,96", "--examples", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -22,11 +22,11 @@ def test_train_then_eval_json(tmp_path, capsys):
 
 def test_compare_writes_the_report(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--task", "induction", "--presets", "attention,mamba:lr=0.002", "--out", str(out),
+    assert main(["compare", "--task", "induction", "--archs", "attention,mamba:lr=0.002", "--out", str(out),
                  "--quiet", "--lengths", "24,48", "--examples", "4", "--eval-minutes", "5", *TINY]) == 0
     text = (out / "report.md").read_text()
     assert "| attention |" in text and "| mamba:lr=0.002 |" in text and "training time" in text
-    assert "| 0.003 |" in text and "| 0.002 |" in text  # each preset's peak learning rate
+    assert "| 0.003 |" in text and "| 0.002 |" in text  # each architecture's peak learning rate
     assert (out / "accuracy.png").is_file()
     results = json.loads((out / "results.json").read_text())
     assert [r["label"] for r in results["runs"]] == ["attention", "mamba:lr=0.002"]
@@ -37,12 +37,12 @@ def test_compare_writes_the_report(tmp_path, capsys):
 
 
 def test_bad_input_gets_clear_errors(tmp_path, capsys):
-    assert main(["task", "train", "--task", "sorting", "--preset", "mamba", "--out", str(tmp_path / "a")]) == 2
+    assert main(["task", "train", "--task", "sorting", "--arch", "mamba", "--out", str(tmp_path / "a")]) == 2
     assert "choose one of selective_copying, induction, mqar, passkey" in capsys.readouterr().err
     assert main(["compare", "--task", "induction", "--presets", "mamba,rnn", "--out", str(tmp_path / "b")]) == 2
-    assert "unknown preset 'rnn'; choose one of attention, longnet, mamba, mamba2, hybrid" in capsys.readouterr().err
+    assert "unknown architecture 'rnn'; choose one of attention, longnet, mamba, mamba2, hybrid" in capsys.readouterr().err
     run = tmp_path / "run"
-    assert main(["task", "train", "--task", "mqar", "--preset", "attention", "--out", str(run), "--quiet",
+    assert main(["task", "train", "--task", "mqar", "--arch", "attention", "--out", str(run), "--quiet",
                  "--set", "task.pairs=4", "--set", "task.vocab=16", *TINY]) == 0
     capsys.readouterr()
     assert main(["task", "eval", str(run), "--lengths", "8,16"]) == 2

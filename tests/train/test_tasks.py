@@ -9,12 +9,12 @@ import torch
 from longctx.model.config import ConfigError
 from longctx.train.checkpoint import latest_checkpoint, load_model_weights
 from longctx.train.tasks import (
-    PRESETS,
+    ARCHS,
     TASK_NAMES,
     TaskConfig,
     apply_overrides,
     load_task_run,
-    parse_preset,
+    parse_arch,
     read_task_config,
     train_task,
 )
@@ -23,8 +23,8 @@ TINY = {"model": {"d_model": 16, "n_heads": 2}, "train_len": 32, "batch_size": 4
         "val_examples": 4, "log_every": 1, "save_every": 2, "warmup": 1}
 
 
-def tiny(task="induction", preset="attention", **kw):
-    values = {**TINY, "task": task, "preset": preset, **kw}
+def tiny(task="induction", arch="attention", **kw):
+    values = {**TINY, "task": task, "arch": arch, **kw}
     return TaskConfig.from_dict(values)
 
 
@@ -37,16 +37,16 @@ def _timeless(records):
 
 
 def test_defaults_come_from_the_task():
-    cfg = TaskConfig(task="induction", preset="mamba")
+    cfg = TaskConfig(task="induction", arch="mamba")
     assert (cfg.train_len, cfg.options["vocab"]) == (256, 16)
     m = cfg.model_config()
     assert m.layers == ["mamba", "mamba"] and m.d_model == 64 and m.mlp_hidden == 0 and m.vocab_size == 16
-    assert TaskConfig(task="passkey", preset="attention").model_config().vocab_size == 256
-    assert TaskConfig(task="mqar", preset="attention", options={"vocab": 64}).model_config().vocab_size == 64
+    assert TaskConfig(task="passkey", arch="attention").model_config().vocab_size == 256
+    assert TaskConfig(task="mqar", arch="attention", options={"vocab": 64}).model_config().vocab_size == 64
 
 
-def test_presets_map_to_layer_lists():
-    layers = {p: TaskConfig(task="induction", preset=p).model_config() for p in PRESETS}
+def test_archs_map_to_layer_lists():
+    layers = {p: TaskConfig(task="induction", arch=p).model_config() for p in ARCHS}
     assert layers["attention"].layers == ["attention"] * 2 and layers["attention"].pos == "rope"
     assert layers["longnet"].layers == ["dilated"] * 2
     assert max(layers["longnet"].dilated_segments) >= 2**20  # the patterns reach the longest evaluation
@@ -59,8 +59,8 @@ def test_presets_map_to_layer_lists():
 def test_bad_configs_name_the_valid_choices():
     with pytest.raises(ConfigError, match="unknown task 'copy'.*induction.*mqar.*passkey"):
         TaskConfig(task="copy")
-    with pytest.raises(ConfigError, match="unknown preset 'rnn'.*attention, longnet, mamba, mamba2, hybrid"):
-        TaskConfig(task="induction", preset="rnn")
+    with pytest.raises(ConfigError, match="unknown architecture 'rnn'.*attention, longnet, mamba, mamba2, hybrid"):
+        TaskConfig(task="induction", arch="rnn")
     with pytest.raises(ConfigError, match="unknown option.*pairs.*valid: vocab"):
         TaskConfig(task="induction", options={"pairs": 3})
     with pytest.raises(ConfigError, match="needs train_len >= 48"):
@@ -74,16 +74,16 @@ def test_bad_configs_name_the_valid_choices():
     assert set(TASK_NAMES) == {"selective_copying", "induction", "mqar", "passkey"}
 
 
-def test_overrides_and_preset_specs():
-    values = apply_overrides({"task": "mqar", "preset": "mamba"},
+def test_overrides_and_arch_specs():
+    values = apply_overrides({"task": "mqar", "arch": "mamba"},
                              ["task.pairs=4", "task.lr=0.01", "model.ssm_state=4"])
     cfg = TaskConfig.from_dict(values)
     assert cfg.options["pairs"] == 4 and cfg.lr == 0.01 and cfg.model_config().ssm_state == 4
-    assert parse_preset("mamba:ssm_state=64:d_model=32") == ("mamba", {"ssm_state": 64, "d_model": 32}, {})
-    assert parse_preset("mamba2:lr=0.003:ssm_state=16:steps=10") == ("mamba2", {"ssm_state": 16},
+    assert parse_arch("mamba:ssm_state=64:d_model=32") == ("mamba", {"ssm_state": 64, "d_model": 32}, {})
+    assert parse_arch("mamba2:lr=0.003:ssm_state=16:steps=10") == ("mamba2", {"ssm_state": 16},
                                                                       {"lr": 0.003, "steps": 10})
-    with pytest.raises(ConfigError, match="unknown preset"):
-        parse_preset("s4")
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        parse_arch("s4")
     with pytest.raises(ConfigError, match="sections are"):
         apply_overrides({}, ["train.lr=1"])
 
@@ -139,25 +139,25 @@ def test_state_passing_and_weight_decay_default_per_task():
     """Induction heads: no weight decay, and state passing where every layer is recurrent
     (what lets a Mamba trained at 256 hold at 2^16); other tasks: weight decay 0.1, no state
     passing; explicit values win."""
-    for preset in ("mamba", "mamba2", "s4d"):
-        assert TaskConfig(task="induction", preset=preset).state_passing is True
-    for preset in ("attention", "hybrid", "longnet"):
-        assert TaskConfig(task="induction", preset=preset).state_passing is False
-    assert TaskConfig(task="mqar", preset="mamba").state_passing is False
-    assert TaskConfig(task="induction", preset="mamba", state_passing=False).state_passing is False
-    assert TaskConfig(task="induction", preset="attention").weight_decay == 0.0
-    assert TaskConfig(task="mqar", preset="mamba").weight_decay == 0.1
-    assert TaskConfig(task="induction", preset="mamba", weight_decay=0.05).weight_decay == 0.05
-    saved = TaskConfig(task="induction", preset="mamba").to_dict()  # resolved values are saved
+    for arch in ("mamba", "mamba2", "s4d"):
+        assert TaskConfig(task="induction", arch=arch).state_passing is True
+    for arch in ("attention", "hybrid", "longnet"):
+        assert TaskConfig(task="induction", arch=arch).state_passing is False
+    assert TaskConfig(task="mqar", arch="mamba").state_passing is False
+    assert TaskConfig(task="induction", arch="mamba", state_passing=False).state_passing is False
+    assert TaskConfig(task="induction", arch="attention").weight_decay == 0.0
+    assert TaskConfig(task="mqar", arch="mamba").weight_decay == 0.1
+    assert TaskConfig(task="induction", arch="mamba", weight_decay=0.05).weight_decay == 0.05
+    saved = TaskConfig(task="induction", arch="mamba").to_dict()  # resolved values are saved
     assert (saved["state_passing"], saved["weight_decay"]) == (True, 0.0)
     with pytest.raises(ConfigError, match="task.weight_decay must be a number >= 0"):
-        TaskConfig(task="induction", preset="mamba", weight_decay="none")
+        TaskConfig(task="induction", arch="mamba", weight_decay="none")
 
 
 def test_validation_at_further_lengths(tmp_path):
     """task.val_lengths: every validation also scores those lengths, logged per step and
     plotted; lengths the task cannot produce are refused before training."""
-    cfg = TaskConfig.from_dict({**TINY, "task": "induction", "preset": "mamba", "steps": 4, "eval_every": 2,
+    cfg = TaskConfig.from_dict({**TINY, "task": "induction", "arch": "mamba", "steps": 4, "eval_every": 2,
                                 "val_lengths": [128, 64]})
     train_task(cfg, tmp_path / "run", progress=False, log=lambda m: None)
     vals = [r for r in _records(tmp_path / "run") if "val_accuracy" in r]
@@ -175,9 +175,9 @@ def test_validation_at_further_lengths(tmp_path):
 
 
 def test_state_passing_needs_recurrent_layers():
-    for preset in ("attention", "hybrid", "longnet"):
+    for arch in ("attention", "hybrid", "longnet"):
         with pytest.raises(ConfigError, match="state_passing needs a model whose layers are all recurrent"):
-            tiny("induction", preset, state_passing=True)
+            tiny("induction", arch, state_passing=True)
     assert tiny("induction", "mamba2", state_passing=True).state_passing
 
 
@@ -195,8 +195,8 @@ def test_resume_refuses_other_settings_and_other_runs(tmp_path):
     train_task(tiny(steps=2), run, progress=False, log=lambda m: None)
     with pytest.raises(ConfigError, match="already holds a run"):
         train_task(tiny(steps=2), run, progress=False, log=lambda m: None)
-    with pytest.raises(ConfigError, match="task.preset"):
-        train_task(tiny(preset="mamba", steps=2), run, resume=True, progress=False, log=lambda m: None)
+    with pytest.raises(ConfigError, match="task.arch"):
+        train_task(tiny(arch="mamba", steps=2), run, resume=True, progress=False, log=lambda m: None)
     with pytest.raises(ConfigError, match="is a run of task 'induction', not 'mqar'"):
         read_task_config(run, task="mqar")
     lm = tmp_path / "lm"
@@ -219,12 +219,12 @@ def test_loaded_weights_match_the_checkpoint(tmp_path):
 
 
 def test_length_curriculum_keeps_tokens_per_step():
-    from longctx.train.tasks import tokens_seen, train_batch_size, train_length
+    from longctx.train.tasks.trainer import tokens_seen, train_batch_size, train_length
 
-    cfg = TaskConfig(task="induction", preset="mamba")  # the task's default curriculum: 16 -> 256
+    cfg = TaskConfig(task="induction", arch="mamba")  # the task's default curriculum: 16 -> 256
     assert [train_length(cfg, s) for s in (0, 74, 75, 150, 225, 300, 10_000)] == [16, 16, 32, 64, 128, 256, 256]
     assert {train_batch_size(cfg, s) * train_length(cfg, s) for s in range(0, 800, 25)} == {16 * 256}
     assert tokens_seen(cfg, 10) == 10 * 16 * 256
-    off = TaskConfig(task="induction", preset="mamba", start_len=0)
+    off = TaskConfig(task="induction", arch="mamba", start_len=0)
     assert off.start_len is None and train_length(off, 0) == 256
-    assert TaskConfig(task="mqar", preset="mamba", start_len=8).start_len == 24  # raised to 3 * pairs
+    assert TaskConfig(task="mqar", arch="mamba", start_len=8).start_len == 24  # raised to 3 * pairs

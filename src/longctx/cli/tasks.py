@@ -31,21 +31,21 @@ def _memory(text: str | None) -> int | None:
 
 def _task_train(args: argparse.Namespace) -> int:
     from longctx.model import ConfigError
-    from longctx.train.tasks import PRESETS, TASK_NAMES, TaskConfig, apply_overrides, read_task_config, train_task
+    from longctx.train.tasks import ARCHS, TASK_NAMES, TaskConfig, apply_overrides, read_task_config, train_task
 
     if args.resume:
         saved, _ = read_task_config(args.out)
         values = saved.to_dict()
-        for name in ("task", "preset"):
+        for name in ("task", "arch"):
             given = getattr(args, name)
             if given is not None and given != values[name]:
                 raise ConfigError(f"{args.out} is a run of {name} {values[name]!r}, not {given!r}; resume it "
                                   "without --" + name + " or start a new run with another --out")
     else:
-        if args.task is None or args.preset is None:
-            raise ConfigError(f"task train needs --task ({', '.join(TASK_NAMES)}) and --preset "
-                              f"({', '.join(PRESETS)})")
-        values = {"task": args.task, "preset": args.preset}
+        if args.task is None or args.arch is None:
+            raise ConfigError(f"task train needs --task ({', '.join(TASK_NAMES)}) and --arch "
+                              f"({', '.join(ARCHS)})")
+        values = {"task": args.task, "arch": args.arch}
     for name in ("train_len", "steps", "batch_size", "lr", "seed"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -53,7 +53,7 @@ def _task_train(args: argparse.Namespace) -> int:
     result = train_task(cfg, args.out, resume=args.resume, budget_minutes=args.budget_minutes,
                         stop_at=args.stop_at, progress=not args.quiet, log=_err)
     acc = "-" if result.val_accuracy is None else f"{result.val_accuracy:.3f}"
-    print(f"{cfg.task} / {cfg.preset}: step {result.step}/{cfg.steps}, accuracy at length {cfg.train_len}: {acc}, "
+    print(f"{cfg.task} / {cfg.arch}: step {result.step}/{cfg.steps}, accuracy at length {cfg.train_len}: {acc}, "
           f"{result.parameters:,} parameters, {result.train_seconds:.0f} s of training "
           f"({result.tokens_per_s:,.0f} tokens/s); run saved in {args.out}")
     return 130 if result.interrupted else 0
@@ -82,14 +82,14 @@ def _task_eval(args: argparse.Namespace) -> int:
     lengths = sorted(result["accuracy"])
     if args.json:
         out = {"task": result["task"], "accuracy": {str(k): v for k, v in result["accuracy"].items()},
-               "preset": result["preset"], "train_len": result["train_len"], "examples": result["examples"],
+               "arch": result["arch"], "train_len": result["train_len"], "examples": result["examples"],
                "chance": result["chance"], "seconds": {str(k): v for k, v in result["seconds"].items()},
                "run": result["run"], "checkpoint": result["checkpoint"]}
         if "by_depth" in result:
             out["by_depth"] = {str(k): {str(d): v for d, v in cell.items()} for k, cell in result["by_depth"].items()}
         print(json.dumps(out))
         return 0
-    row = {"label": result["preset"], "accuracy": result["accuracy"]}
+    row = {"label": result["arch"], "accuracy": result["accuracy"]}
     print(f"{result['task']} ({result['run']}, {result['checkpoint']}), {result['examples']} examples per length, "
           f"chance {100 * result['chance']:.1f}%; accuracy (%):")
     print(accuracy_table([row], lengths, train_len=result["train_len"]))
@@ -103,9 +103,9 @@ def _compare(args: argparse.Namespace) -> int:
     from longctx.eval.tasks import parse_lengths
     from longctx.train.tasks import compare
 
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     lengths = None if args.lengths is None else parse_lengths(args.lengths)
-    result = compare(args.task, presets, args.out, lengths=lengths, budget_minutes=args.budget_minutes,
+    result = compare(args.task, archs, args.out, lengths=lengths, budget_minutes=args.budget_minutes,
                      eval_minutes=args.eval_minutes, overrides=args.set, train_len=args.train_len, steps=args.steps,
                      examples=args.examples, eval_batch=args.batch, max_memory=_memory(args.max_memory),
                      progress=not args.quiet, log=_err)
@@ -125,16 +125,16 @@ def _eval_arguments(p: argparse.ArgumentParser, examples: int) -> None:
 
 def add_task_commands(sub) -> None:
     """Register ``task`` (``train``, ``eval``) and ``compare`` on the main parser's subparsers."""
-    from longctx.train.tasks import FAMILIES, PRESETS, TASK_NAMES
+    from longctx.train.tasks import ARCHS, COMPARED_ARCHS, TASK_NAMES
 
-    tasks, presets = ", ".join(TASK_NAMES), ", ".join(PRESETS)
+    tasks, archs = ", ".join(TASK_NAMES), ", ".join(ARCHS)
 
     task = sub.add_parser("task", help="synthetic long-context tasks: train a small model, evaluate by length")
     task_sub = task.add_subparsers(dest="task_command", required=True)
 
     p = task_sub.add_parser("train", help="train a small model of one architecture on a synthetic task")
     p.add_argument("--task", help=f"one of {tasks}")
-    p.add_argument("--preset", help=f"architecture family: {presets}")
+    p.add_argument("--arch", "--preset", dest="arch", help=f"architecture: {archs} (--preset is its old name)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--train-len", type=int, help="training sequence length (default: the task's)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the task's)")
@@ -164,18 +164,18 @@ def add_task_commands(sub) -> None:
 
     p = sub.add_parser("compare", help="train and evaluate several architectures on a task; write a report")
     p.add_argument("--task", required=True, help=f"one of {tasks}")
-    p.add_argument("--presets", default=",".join(FAMILIES),
-                   help=f"comma-separated from {presets} (s4d: time-invariant mamba); NAME:key=value adds "
+    p.add_argument("--archs", "--presets", dest="archs", default=",".join(COMPARED_ARCHS),
+                   help=f"comma-separated from {archs} (s4d: time-invariant mamba); NAME:key=value adds "
                         "model or training overrides to one (mamba:ssm_state=4:lr=0.003); "
-                        f"default {','.join(FAMILIES)}")
-    p.add_argument("--out", required=True, help="directory for the report and one run per preset")
+                        f"default {','.join(COMPARED_ARCHS)} (--presets is its old name)")
+    p.add_argument("--out", required=True, help="directory for the report and one run per architecture")
     p.add_argument("--train-len", type=int, help="training length (default: the task's)")
-    p.add_argument("--steps", type=int, help="training steps of each preset (default: the task's)")
+    p.add_argument("--steps", type=int, help="training steps of each architecture (default: the task's)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="task.KEY=V or model.KEY=V for every preset; repeatable")
-    p.add_argument("--budget-minutes", type=float, help="training time limit of each preset")
+                   help="task.KEY=V or model.KEY=V for every architecture; repeatable")
+    p.add_argument("--budget-minutes", type=float, help="training time limit of each architecture")
     p.add_argument("--eval-minutes", type=float, default=10.0,
-                   help="evaluation time limit of each preset (default 10): longer lengths are 'over budget'")
+                   help="evaluation time limit of each architecture (default 10): longer lengths are 'over budget'")
     _eval_arguments(p, examples=100)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_compare, trains=True)

@@ -1,5 +1,5 @@
-"""Reports of task comparisons: a markdown table (presets as rows, lengths as columns), a
-plot of accuracy against length (log2 axis, chance level), and per-preset training time,
+"""Reports of task comparisons: a markdown table (architectures as rows, lengths as columns), a
+plot of accuracy against length (log2 axis, chance level), and per-architecture training time,
 parameters and tokens/s; plus the training curve of one task run.
 
 ``write_report(out_dir, meta, rows)`` writes ``report.md``, ``accuracy.png`` and
@@ -52,9 +52,9 @@ def _duration(seconds: float | None) -> str:
 
 
 def accuracy_table(rows: Sequence[dict[str, Any]], lengths: Sequence[int], *, train_len: int | None = None) -> str:
-    """Markdown table of accuracy (%): one row per preset, one column per length (the
+    """Markdown table of accuracy (%): one row per architecture, one column per length (the
     training length marked with ``*``)."""
-    header = ["preset"] + [format_length(n) + ("*" if n == train_len else "") for n in lengths]
+    header = ["architecture"] + [format_length(n) + ("*" if n == train_len else "") for n in lengths]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(lengths)) + "|"]
     for row in rows:
         cells = [format_accuracy(_get(row["accuracy"], n)) for n in lengths]
@@ -78,9 +78,9 @@ def depth_table(by_depth: dict, lengths: Sequence[int]) -> str:
 
 
 def runs_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Per preset: layers, parameters, steps, peak learning rate, training and evaluation wall
+    """Per architecture: layers, parameters, steps, peak learning rate, training and evaluation wall
     time, tokens/s."""
-    lines = ["| preset | layers | parameters | steps | peak lr | training time | training tokens/s | evaluation time | "
+    lines = ["| architecture | layers | parameters | steps | peak lr | training time | training tokens/s | evaluation time | "
              "evaluation tokens/s (longest evaluated) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -105,7 +105,7 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def plot_accuracy(rows: Sequence[dict[str, Any]], lengths: Sequence[int], out_path, *, chance: float | None = None,
                   train_len: int | None = None, title: str | None = None) -> Path | None:
-    """Accuracy against length (log2 x axis), one line per preset; lengths with a status
+    """Accuracy against length (log2 x axis), one line per architecture; lengths with a status
     instead of an accuracy are marked at the bottom with an x.  Needs matplotlib."""
     plt = pyplot()
     if plt is None:
@@ -202,8 +202,6 @@ def report_markdown(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str
     train_len = meta.get("train_len")
     chance = meta.get("chance")
     parts = [f"# {meta['task']}: accuracy against length", ""]
-    if meta.get("note"):
-        parts += [f"Setup: {meta['note']}.", ""]
     facts = []
     if meta.get("options"):
         facts.append("task options " + ", ".join(f"{k}={v}" for k, v in meta["options"].items()))
@@ -228,8 +226,8 @@ def report_markdown(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str
               f"Machine at start: {_machine(meta.get('machine_start'))}.  ",
               f"Machine at end: {_machine(meta.get('machine_end'))}.", ""]
     if meta.get("budget_minutes") or meta.get("eval_minutes"):
-        parts += [f"Budgets: training {meta.get('budget_minutes') or 'none'} min per preset, evaluation "
-                  f"{meta.get('eval_minutes') or 'none'} min per preset.", ""]
+        parts += [f"Budgets: training {meta.get('budget_minutes') or 'none'} min per architecture, evaluation "
+                  f"{meta.get('eval_minutes') or 'none'} min per architecture.", ""]
     return "\n".join(parts)
 
 

@@ -9,12 +9,9 @@ from typing import Any
 
 from longctx.ops.dilated import check_patterns
 from longctx.ops.rope import check_rope_scaling
+from longctx.validation import ConfigError, check_fields, non_negative_int, positive_int
 
 POSITIONS = ("rope", "alibi", "learned", "none")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
 
 
 @dataclass
@@ -75,6 +72,7 @@ class ModelConfig:
     dilated_rates: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 12])
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
         self.layers = list(self.layers)
         self.dilated_segments, self.dilated_rates = list(self.dilated_segments), list(self.dilated_rates)
         if self.n_kv_heads is None:
@@ -94,15 +92,12 @@ class ModelConfig:
 
     def validate(self) -> None:
         def positive(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model.{name} must be a positive integer; got {value!r}")
+            positive_int(f"model.{name}", getattr(self, name), error=ConfigError)
 
         for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "ssm_state", "ssm_expand",
                      "ssm_conv", "ssm_dt_rank", "ssm_head_dim", "ssm_groups", "ssm_chunk"):
             positive(name)
-        if not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 0:
-            raise ConfigError(f"model.mlp_hidden must be an integer >= 0 (0: no MLP); got {self.mlp_hidden!r}")
+        non_negative_int("model.mlp_hidden", self.mlp_hidden, error=ConfigError)
         if not 0 < self.ssm_dt_min <= self.ssm_dt_max:
             raise ConfigError(
                 f"need 0 < model.ssm_dt_min <= model.ssm_dt_max; got {self.ssm_dt_min}, {self.ssm_dt_max}"
@@ -168,9 +163,6 @@ class ModelConfig:
                 raise ConfigError(f"model.rope_scaling 'dynamic' needs head_dim > 2; got {self.head_dim}")
         if self.context_len is not None:
             positive("context_len")
-        for name in ("attn_bias", "attn_out_bias", "ssm_selective"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"model.{name} must be true or false; got {getattr(self, name)!r}")
         if self.attn_window is not None:
             positive("attn_window")
             if "dilated" in self.layers:

@@ -21,11 +21,7 @@ else:  # pragma: no cover
 
 from longctx.distributed.layout import LAYOUTS
 from longctx.model.config import ConfigError, ModelConfig
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+from longctx.validation import check, check_fields, positive_int
 
 
 @dataclass
@@ -36,9 +32,10 @@ class DataConfig:
     val_fraction: float = 0.01
 
     def __post_init__(self) -> None:
-        _check(self.tokenizer in ("byte", "bpe"), f"data.tokenizer must be 'byte' or 'bpe'; got {self.tokenizer!r}")
-        _check(self.bpe_vocab_size >= 300, f"data.bpe_vocab_size must be >= 300; got {self.bpe_vocab_size}")
-        _check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1); got {self.val_fraction}")
+        check_fields(self, "data")
+        check(self.tokenizer in ("byte", "bpe"), f"data.tokenizer must be 'byte' or 'bpe'; got {self.tokenizer!r}")
+        check(self.bpe_vocab_size >= 300, f"data.bpe_vocab_size must be >= 300; got {self.bpe_vocab_size}")
+        check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1); got {self.val_fraction}")
 
 
 @dataclass
@@ -66,21 +63,19 @@ class TrainConfig:
     dist_timeout: float = 300.0  # seconds a collective may wait for another process
 
     def __post_init__(self) -> None:
+        check_fields(self, "train")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "save_every", "keep_checkpoints", "log_every"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, f"train.{name} must be a positive integer; got {value!r}")
-        _check(0 <= self.warmup_steps, f"train.warmup_steps must be >= 0; got {self.warmup_steps}")
-        _check(self.lr > 0, f"train.lr must be positive; got {self.lr}")
-        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
-        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0; got {self.weight_decay}")
-        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
-        _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables); got {self.grad_clip}")
-        _check(isinstance(self.sequence_parallel, int) and self.sequence_parallel >= 1,
-               f"train.sequence_parallel must be a positive integer; got {self.sequence_parallel!r}")
-        _check(self.sequence_layout in LAYOUTS,
-               f"train.sequence_layout must be one of {', '.join(LAYOUTS)}; got {self.sequence_layout!r}")
-        _check(self.dist_timeout > 0, f"train.dist_timeout must be positive; got {self.dist_timeout}")
+                     "save_every", "keep_checkpoints", "log_every", "sequence_parallel"):
+            positive_int(f"train.{name}", getattr(self, name), error=ConfigError)
+        check(0 <= self.warmup_steps, f"train.warmup_steps must be >= 0; got {self.warmup_steps}")
+        check(self.lr > 0, f"train.lr must be positive; got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
+        check(self.weight_decay >= 0, f"train.weight_decay must be >= 0; got {self.weight_decay}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+        check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables); got {self.grad_clip}")
+        check(self.sequence_layout in LAYOUTS,
+              f"train.sequence_layout must be one of {', '.join(LAYOUTS)}; got {self.sequence_layout!r}")
+        check(self.dist_timeout > 0, f"train.dist_timeout must be positive; got {self.dist_timeout}")
 
 
 @dataclass
@@ -95,10 +90,11 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens >= 0, f"sample.max_new_tokens must be >= 0; got {self.max_new_tokens}")
-        _check(self.temperature >= 0, f"sample.temperature must be >= 0 (0 is greedy); got {self.temperature}")
-        _check(self.top_k >= 1, f"sample.top_k must be >= 1; got {self.top_k}")
-        _check(0 < self.top_p <= 1, f"sample.top_p must be in (0, 1]; got {self.top_p}")
+        check_fields(self, "sample")
+        check(self.max_new_tokens >= 0, f"sample.max_new_tokens must be >= 0; got {self.max_new_tokens}")
+        check(self.temperature >= 0, f"sample.temperature must be >= 0 (0 is greedy); got {self.temperature}")
+        check(self.top_k >= 1, f"sample.top_k must be >= 1; got {self.top_k}")
+        check(0 < self.top_p <= 1, f"sample.top_p must be in (0, 1]; got {self.top_p}")
 
 
 @dataclass
@@ -115,17 +111,17 @@ class RunConfig:
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(sections))
-        _check(not unknown, f"unknown config section(s): {', '.join(unknown)}; valid: {', '.join(sections)}")
+        check(not unknown, f"unknown config section(s): {', '.join(unknown)}; valid: {', '.join(sections)}")
         built = {}
         for name, section_cls in _SECTIONS.items():
             table = values.get(name, {})
-            _check(isinstance(table, dict), f"config section [{name}] must be a table; got {table!r}")
+            check(isinstance(table, dict), f"config section [{name}] must be a table; got {table!r}")
             if section_cls is ModelConfig:
                 built[name] = ModelConfig.from_dict(table)
                 continue
             known = {f.name for f in dataclasses.fields(section_cls)}
             bad = sorted(set(table) - known)
-            _check(not bad, f"unknown {name} config key(s): {', '.join(bad)}; valid keys: {', '.join(sorted(known))}")
+            check(not bad, f"unknown {name} config key(s): {', '.join(bad)}; valid keys: {', '.join(sorted(known))}")
             try:
                 built[name] = section_cls(**table)
             except TypeError as e:
@@ -162,7 +158,7 @@ def parse_override(text: str) -> dict[str, Any]:
     falling back to a plain string (so ``data.path=src/`` needs no quotes)."""
     key, sep, value = text.partition("=")
     section, dot, name = key.strip().partition(".")
-    _check(bool(sep and dot and section and name), f"--set expects section.key=value (e.g. train.lr=3e-4); got {text!r}")
+    check(bool(sep and dot and section and name), f"--set expects section.key=value (e.g. train.lr=3e-4); got {text!r}")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -183,12 +179,12 @@ def load_run_config(
     values: dict[str, Any] = dict(base or {})
     if preset is not None:
         names = preset_names()
-        _check(preset in names, f"unknown preset {preset!r}; available: {', '.join(names)}")
+        check(preset in names, f"unknown preset {preset!r}; available: {', '.join(names)}")
         text = resources.files("longctx.configs").joinpath(f"{preset}.toml").read_text()
         values = _merge(values, _read_toml(text, f"preset {preset!r}"))
     if config_file is not None:
         path = Path(config_file)
-        _check(path.is_file(), f"config file '{path}' does not exist")
+        check(path.is_file(), f"config file '{path}' does not exist")
         values = _merge(values, _read_toml(path.read_text(), f"config file '{path}'"))
     for text in overrides:
         values = _merge(values, parse_override(text))

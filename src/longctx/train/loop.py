@@ -1,9 +1,13 @@
-"""The training loop: data, model, optimizer, validation, checkpoints, resume.
+"""The training loop that language-model runs (``longctx train``) and synthetic-task runs
+(``longctx task train``) share: what differs between them comes in through ``LoopHooks``.
 
-Exact resume: the batch of step ``s`` is drawn from a generator seeded by
-``(train.seed, s)``, so the data position is the step itself; weights, optimizer and the
-global RNG come back from the checkpoint.  A resumed run follows the same loss curve as
-an uninterrupted one.
+Each step: the learning rate of the schedule, the hooks' forward and backward, a check that
+the loss is finite, gradient clipping, the optimizer step.  Then, at their cadences: a
+metrics record of the steps since the last one, validation, a checkpoint.  SIGINT and
+SIGTERM set a flag checked between steps, so an interrupted run saves a checkpoint of the
+last finished step and returns; a second signal stops at once.  A time budget ends a run
+the same way.  The step is the data position: the hooks draw the batch of step ``s`` from a
+generator seeded by ``s``, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -12,67 +16,96 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from longctx.data import (
-    BPETokenizer,
-    ByteTokenizer,
-    TokenDataset,
-    load_tokenizer,
-    prepare_dataset,
-    read_documents,
-    resolve_corpus,
-    save_tokenizer,
-)
-from longctx.eval.perplexity import evaluate_loss, unigram_bits_per_byte
-from longctx.generation import generate_text
-from longctx.model import ConfigError, LanguageModel
-from longctx.train.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    read_run_config,
-    save_checkpoint,
-    write_json_atomic,
-)
-from longctx.train.config import RunConfig
-from longctx.train.metrics import MetricsLog, plot_loss
-from longctx.train.optim import lr_at, make_optimizer
-from longctx.train.parallel import sequence_parallel_from
+from longctx.model import ConfigError
+from longctx.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from longctx.train.config import TrainConfig
+from longctx.train.optim import lr_at
 
 
 @dataclass
-class TrainResult:
+class StepOutput:
+    """What one step's forward and backward gave: the mean training loss, the tokens it
+    trained on, and counts the hooks sum over a metrics window (e.g. correct answers)."""
+
+    loss: float
+    tokens: int
+    counts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Window:
+    """The steps since the last metrics record."""
+
+    steps: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    counts: dict[str, float] = field(default_factory=dict)
+    last: StepOutput | None = None
+    lr: float = 0.0
+    grad_norm: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, out: StepOutput, lr: float, grad_norm: float) -> None:
+        self.steps += 1
+        self.tokens += out.tokens
+        self.loss_sum += out.loss
+        for name, value in out.counts.items():
+            self.counts[name] = self.counts.get(name, 0.0) + value
+        self.last, self.lr, self.grad_norm = out, lr, grad_norm
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+
+class LoopHooks(Protocol):
+    """What a kind of run does inside the shared loop."""
+
+    def train_step(self, step: int) -> StepOutput:
+        """Forward and backward of step ``step`` (0-based): gradients accumulated on the model."""
+
+    def log(self, step: int, window: Window) -> dict[str, float]:
+        """Write the metrics record of ``window`` (ending at ``step``); return what the progress bar shows."""
+
+    def validate(self, step: int) -> str | None:
+        """Validate after ``step``; return a line for the console, if any."""
+
+    def save(self, step: int, compute_seconds: float) -> None:
+        """Write a checkpoint of the state after ``step``; ``compute_seconds``: this session's
+        training steps so far."""
+
+
+@dataclass
+class LoopSettings:
+    """The cadences and limits of one session of a run."""
+
+    schedule: TrainConfig  # the learning-rate schedule, gradient clipping and cadences
+    start: int  # steps already done (resumed)
+    end: int  # stop after this step (``stop_at``, else ``schedule.steps``)
+    budget_seconds: float | None = None  # stop (and save) before a step would overrun this session's time
+    progress: bool = True
+    any_rank: Callable[[bool], bool] = bool  # sequence parallelism: all ranks stop together
+    lr_hint: str = "train.lr or raise train.warmup_steps"  # what to change when the loss is not finite
+    run_dir: Path | None = None  # named with the last good checkpoint when the loss is not finite
+
+
+@dataclass
+class LoopOutcome:
     step: int
-    interrupted: bool
-    val: dict[str, float] | None
-    unigram_bpb: float
-    sample: str | None
-
-
-def _tokenizer(cfg: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None]):
-    if resume:
-        return load_tokenizer(run_dir)
-    if cfg.data.tokenizer == "byte":
-        return ByteTokenizer()
-    log(f"training a BPE tokenizer with {cfg.data.bpe_vocab_size} tokens on the corpus")
-    texts = (text for _, text in read_documents(resolve_corpus(cfg.data.path or None)))
-    return BPETokenizer.train(texts, cfg.data.bpe_vocab_size)
-
-
-def _batch_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    interrupted: bool  # a signal (Ctrl-C, SIGTERM) stopped it
+    out_of_budget: bool  # the time budget ended it before ``end``
+    compute_seconds: float  # the training steps themselves (validation and checkpoints excluded)
 
 
 @contextlib.contextmanager
-def _stop_on_signal():
+def stop_on_signal():
     """Turn SIGINT/SIGTERM into a flag checked between steps, so an interrupted run saves
     a checkpoint instead of dying mid-step.  A second signal stops at once."""
     flag = {"stop": False}
@@ -95,206 +128,77 @@ def _stop_on_signal():
             signal.signal(sig, h)
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a run; on resume, refuse settings that would change its course.
+def run_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, hooks: LoopHooks,
+             settings: LoopSettings) -> LoopOutcome:
+    """Train from step ``settings.start`` to ``settings.end``; see the module docstring."""
+    tc = settings.schedule
+    step, end = settings.start, settings.end
+    session_start = time.perf_counter()
+    compute_seconds = step_seconds = 0.0
+    interrupted = out_of_budget = False
+    window = Window()
+    model.train()
+    bar = tqdm(total=tc.steps, initial=step, disable=not settings.progress, unit="step", dynamic_ncols=True)
+    with stop_on_signal() as stop_flag:
+        while step < end:
+            t0 = time.perf_counter()
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            out = hooks.train_step(step)
+            if not math.isfinite(out.loss):
+                raise FloatingPointError(f"training loss became {out.loss} at step {step + 1}; lower "
+                                         f"{settings.lr_hint}{_last_good(settings.run_dir)}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_seconds = time.perf_counter() - t0
+            compute_seconds += step_seconds
+            window.add(out, lr, float(grad_norm))
+            bar.update(1)
+            if step % tc.log_every == 0 or step == end:
+                bar.set_postfix(hooks.log(step, window))
+                window = Window()
+            if step % tc.eval_every == 0 or step == tc.steps:
+                line = hooks.validate(step)
+                if line:
+                    bar.write(line)
+            if settings.any_rank(stop_flag["stop"]):
+                interrupted = True
+                break
+            budget = settings.budget_seconds
+            if budget is not None and step < end and time.perf_counter() - session_start + step_seconds > budget:
+                out_of_budget = True
+                break
+            if step % tc.save_every == 0 or step == end:
+                hooks.save(step, compute_seconds)
+    bar.close()
+    if interrupted or out_of_budget:
+        hooks.save(step, compute_seconds)
+    return LoopOutcome(step, interrupted, out_of_budget, compute_seconds)
+
+
+def _last_good(run_dir: Path | None) -> str:
+    last = latest_checkpoint(run_dir) if run_dir is not None and list_checkpoints(run_dir) else None
+    return f" (last good checkpoint: {last})" if last else ""
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, changed_settings: Callable[[], list[str]]) -> None:
+    """Refuse to overwrite a run; on resume, require a checkpoint and refuse settings that
+    would change the run's course (``changed_settings()`` names them).
 
     A directory with a config but no checkpoint (a run that failed before its first save)
     may be started afresh.
     """
     if not resume:
         if list_checkpoints(run_dir):
-            raise ConfigError(
-                f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out"
-            )
+            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
         return
-    saved = read_run_config(run_dir)
     if latest_checkpoint(run_dir) is None:
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from; train without --resume")
-    new = cfg.to_dict()
-    changed = [f"[{section}]" for section in ("model", "data") if saved.get(section) != new[section]]
-    if saved.get("train", {}).get("seed") != new["train"]["seed"]:
-        changed.append("train.seed")
+    changed = changed_settings()
     if changed:
-        raise ConfigError(
-            f"{', '.join(changed)} differ from the settings {run_dir} was trained with, which would change "
-            "the model or its data; resume without changing them, or start a new run with another --out"
-        )
-
-
-def train(
-    cfg: RunConfig,
-    run_dir: str | Path,
-    *,
-    resume: bool = False,
-    stop_at: int | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> TrainResult:
-    """Train ``cfg`` into ``run_dir``; with ``resume`` continue from its latest checkpoint.
-
-    ``stop_at`` saves a checkpoint and returns after that step (the schedule still runs to
-    ``train.steps``): for time-sliced jobs.
-    """
-    run_dir = Path(run_dir)
-    tc = cfg.train
-    sp = sequence_parallel_from(tc)
-    if sp is None:
-        return _train(cfg, run_dir, resume, stop_at, progress, log, None)
-    try:
-        with sp.failures_named():
-            # Rank 0 alone writes files and reports.
-            if sp.rank:
-                progress, log = False, lambda message: None
-            return _train(cfg, run_dir, resume, stop_at, progress, log, sp)
-    finally:
-        sp.close()
-
-
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, stop_at, progress: bool, log, sp) -> TrainResult:
-    main = sp is None or sp.rank == 0
-    tc = cfg.train
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    prepare_run_dir(cfg, run_dir, resume)
-    if sp is not None:
-        sp.check_length(tc.seq_len)
-        if not main:  # the tokenizer and the token cache come from rank 0
-            sp.barrier()
-
-    tokenizer = _tokenizer(cfg, run_dir, resume, log) if main or cfg.data.tokenizer == "byte" or resume \
-        else load_tokenizer(run_dir)
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        # A larger embedding than the tokenizer needs is fine (unused rows); smaller is not.
-        if resume:
-            raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} < tokenizer's {tokenizer.vocab_size}")
-        log(f"model.vocab_size set to the tokenizer's {tokenizer.vocab_size} (config had {cfg.model.vocab_size})")
-        cfg.model.vocab_size = tokenizer.vocab_size
-    dataset = prepare_dataset(cfg.data.path or None, tokenizer, val_fraction=cfg.data.val_fraction, progress=progress)
-    train_ds, val_ds = TokenDataset(dataset, "train"), TokenDataset(dataset, "val")
-    if main and not resume:
-        save_tokenizer(tokenizer, run_dir)
-    if sp is not None and main:
-        sp.barrier()
-    token_bytes = tokenizer.token_bytes()
-    unigram = unigram_bits_per_byte(
-        train_ds.tokens(), val_ds.tokens(), token_bytes, tokenizer.vocab_size
-    )
-    log(
-        f"data: {len(train_ds):,} train tokens, {len(val_ds):,} validation tokens "
-        f"({val_ds.n_documents} documents); unigram baseline {unigram:.3f} bits/byte"
-    )
-
-    torch.manual_seed(tc.seed)
-    model = LanguageModel(cfg.model)
-    optimizer = make_optimizer(model, tc)
-    step = 0
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        step = load_checkpoint(ckpt, model, optimizer)["step"]
-        log(f"resumed from {ckpt} at step {step}")
-    if main:
-        write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume else None) if main else None
-    if sp is not None:
-        model = sp.parallelize(model)
-        log(f"sequence parallel: each sequence split over {sp.world} processes ({sp.layout} layout)")
-    log(
-        f"model: {model.num_parameters():,} parameters ({', '.join(sorted(set(cfg.model.layers)))}); "
-        f"{tc.steps} steps of {tc.batch_size * tc.grad_accum} x {tc.seq_len} tokens"
-    )
-
-    def shard(x):
-        return x if sp is None else sp.shard(x)
-
-    def validate() -> dict[str, float]:
-        windows = ((shard(x), shard(y)) for x, y in val_ds.windows(tc.seq_len, tc.batch_size, tc.eval_batches))
-        result = evaluate_loss(model, windows, token_bytes, total=None if sp is None else sp.sum)
-        if main:
-            metrics.write({"step": step, "val_loss": result["loss"], "val_bpb": result["bpb"],
-                           "val_ppl": result["ppl"]})
-        return result
-
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint(run_dir, step, model, optimizer, {"seed": tc.seed, "data_position": step},
-                            tc.keep_checkpoints)
-
-    end = tc.steps if stop_at is None else min(stop_at, tc.steps)
-    tokens_per_step = tc.batch_size * tc.grad_accum * tc.seq_len
-    val = None
-    interrupted = False
-    model.train()
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    window_start, window_steps = time.perf_counter(), 0
-    with _stop_on_signal() as stop_flag:
-        while step < end:
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            generator = _batch_generator(tc.seed, step)
-            loss_sum = 0.0
-            for _ in range(tc.grad_accum):
-                x, y = train_ds.sample_batch(tc.batch_size, tc.seq_len, generator)
-                logits = model(shard(x))
-                # Mean over the whole batch's tokens: with a split sequence, each rank's sum
-                # over its tokens / all tokens; the ranks' gradients add up to the mean's.
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), shard(y).flatten(), reduction="sum") / y.numel()
-                (loss / tc.grad_accum).backward()
-                loss_sum += float(loss.detach())
-            if sp is not None:
-                sp.all_reduce_gradients(model)
-                loss_sum = sp.sum([loss_sum])[0]
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_steps += 1
-            train_loss = loss_sum / tc.grad_accum
-            if not math.isfinite(train_loss):
-                last = latest_checkpoint(run_dir) if list_checkpoints(run_dir) else None
-                raise FloatingPointError(
-                    f"training loss became {train_loss} at step {step}; lower train.lr or raise "
-                    "train.warmup_steps" + (f" (last good checkpoint: {last})" if last else "")
-                )
-            bar.update(1)
-            if main and (step % tc.log_every == 0 or step == end):
-                elapsed = time.perf_counter() - window_start
-                tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                metrics.write({"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                               "tokens": step * tokens_per_step, "tokens_per_s": tok_s})
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-                window_start, window_steps = time.perf_counter(), 0
-            if step % tc.eval_every == 0 or step == tc.steps:
-                val = validate()
-                if main:
-                    bar.write(f"step {step}: val loss {val['loss']:.4f}, {val['bpb']:.3f} bits/byte "
-                              f"(unigram {unigram:.3f})")
-            if stop_flag["stop"] if sp is None else sp.any(stop_flag["stop"]):  # all ranks stop together
-                interrupted = True
-                break
-            if step % tc.save_every == 0 or step == end:
-                checkpoint()
-    bar.close()
-    if interrupted:
-        checkpoint()
-        log(f"interrupted at step {step}; checkpoint saved. Continue with: longctx train --out {run_dir} --resume")
-        return TrainResult(step, True, val, unigram, None)
-
-    sample = None
-    if main and step == tc.steps and val is not None:  # skip when a finished run was resumed
-        if sp is not None:  # sampling runs on a plain single-process copy
-            plain = LanguageModel(cfg.model)
-            plain.load_state_dict(model.state_dict())
-            model = plain.eval()
-        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", unigram)
-        write_json_atomic(run_dir / "summary.json", {
-            "step": step, "val": val, "unigram_bpb": unigram, "parameters": model.num_parameters(),
-        })
-        if cfg.sample.max_new_tokens:
-            sample = generate_text(model, tokenizer, cfg.sample.prompt, cfg.sample.max_new_tokens,
-                                 temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
-                                 top_p=cfg.sample.top_p, seed=cfg.sample.seed)
-    return TrainResult(step, False, val, unigram, sample)
-
+        raise ConfigError(f"{', '.join(changed)} differ from the settings {run_dir} was trained with, which would "
+                          "change the model or its data; resume without changing them, or start a new run with "
+                          "another --out")

@@ -57,7 +57,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
             raise CheckpointError(f"{run_dir} is a Hugging Face checkpoint, not a run: it has no --checkpoint choice")
         return load_hf_checkpoint(run_dir)
     values = read_run_config(run_dir)
-    from longctx.train.tasks import RUN_KIND as TASK_RUN
+    from longctx.train.tasks.config import RUN_KIND as TASK_RUN
 
     if values.get("kind") == TASK_RUN:
         raise ConfigError(f"{run_dir} is a synthetic-task run (longctx task train), not a language-model run; "
