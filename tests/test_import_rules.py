@@ -72,3 +72,47 @@ def test_ops_import_torch_only():
             third_party = top not in sys.stdlib_module_names and top not in ("longctx", "__future__")
             assert not third_party or top in allowed, f"{file.name} imports {top}"
             assert top != "longctx" or target in ("ops", *SHARED), f"{file.name} imports longctx.{target}"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """longctx module -> the longctx modules it imports (at any depth in the file)."""
+    files = {}
+    for file in PACKAGE.rglob("*.py"):
+        parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = file
+    graph = {}
+    for name, file in files.items():
+        package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                deps.add(base)
+                deps.update(f"{base}.{a.name}" for a in node.names)
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_cycles():
+    """No module imports, directly or through others, a module that imports it."""
+    graph = _module_graph()
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

@@ -13,14 +13,8 @@ from .shards import (
     shard_dtype,
     validate_dataset,
 )
-from .tokenizer import (
-    BPETokenizer,
-    ByteTokenizer,
-    StreamDecoder,
-    Tokenizer,
-    load_tokenizer,
-    save_tokenizer,
-)
+from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer, save_tokenizer
+from .tokenizer_base import StreamDecoder
 
 __all__ = [
     "BPETokenizer",
