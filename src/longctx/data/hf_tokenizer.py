@@ -3,7 +3,7 @@
 Llama-3 and Qwen2 ship byte-level BPE (GPT-2's printable byte alphabet); Llama-2 and
 Mistral ship SentencePiece-style BPE (``▁`` for a space, ``<0xAB>`` byte-fallback
 tokens).  Either way every token stands for a definite byte string, which is what
-``_BytesTable`` needs for decoding, streaming and bits-per-byte.  The one difference
+``TokenTable`` needs for decoding, streaming and bits-per-byte.  The one difference
 from the text the tokenizer's own ``decode`` returns: SentencePiece prepends a space to
 the text it encodes and strips it when decoding; here the first token of a text keeps it.
 """
@@ -15,8 +15,9 @@ import re
 from pathlib import Path
 
 from .errors import DataError
-from .tokenizer import BPE_FILE, CONFIG_FILE, _byte_alphabet, _HFBacked, _import_tokenizers
+from .tokenizer_base import CONFIG_FILE, TOKENIZER_FILE, TokenizersBacked, byte_alphabet, import_tokenizers
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -39,7 +40,7 @@ def _token_table(hf) -> list[bytes]:
     spaces += [p["pattern"].get("String") for p in parts
                if p.get("type") == "Replace" and p.get("content") == " " and "String" in p.get("pattern", {})]
     byte_fallback = any(p.get("type") == "ByteFallback" for p in parts)
-    alphabet = _byte_alphabet() if byte_level else None
+    alphabet = byte_alphabet() if byte_level else None
 
     size = hf.get_vocab_size(with_added_tokens=True)
     table = [b""] * size
@@ -72,18 +73,21 @@ def _token_name(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class HFTokenizer(_HFBacked):
-    """Any Hugging Face ``tokenizer.json`` with the bos/eos tokens of its ``tokenizer_config.json``.
+class HFTokenizer(TokenizersBacked):
+    """Any Hugging Face ``tokenizer.json`` with the bos/eos tokens and chat template of its
+    ``tokenizer_config.json``.
 
     ``add_bos`` says whether the tokenizer itself starts each text with bos (Llama does,
-    Qwen2 does not); generation then starts a fresh session with it.
+    Qwen2 does not); generation then starts a fresh session with it.  ``chat_template``
+    (Jinja, as in transformers) formats a conversation (``longctx.generation.chat``).
     """
 
     kind = "hf"
 
     def __init__(self, hf_tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None) -> None:
+                 pad_token: str | None = None, chat_template: str | None = None) -> None:
         self._hf = hf_tokenizer
+        self.chat_template = chat_template
         self._hf.encode_special_tokens = True  # text is data, not control tokens
         vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
 
@@ -108,10 +112,10 @@ class HFTokenizer(_HFBacked):
     def load(cls, directory: str | Path) -> HFTokenizer:
         """Read ``directory/tokenizer.json`` and the special tokens named in its ``tokenizer_config.json``."""
         directory = Path(directory)
-        path = directory / BPE_FILE
+        path = directory / TOKENIZER_FILE
         if not path.is_file():
-            raise DataError(f"{directory} has no {BPE_FILE}; put the checkpoint's tokenizer beside it")
-        tk = _import_tokenizers()
+            raise DataError(f"{directory} has no {TOKENIZER_FILE}; put the checkpoint's tokenizer beside it")
+        tk = import_tokenizers()
         try:
             hf = tk.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -122,15 +126,28 @@ class HFTokenizer(_HFBacked):
                 config = json.loads((directory / CONFIG_FILE).read_text())
             except json.JSONDecodeError as e:
                 raise DataError(f"'{directory / CONFIG_FILE}' is not valid JSON ({e})") from e
-        return cls(hf, **{key: _token_name(config.get(key)) for key in ("bos_token", "eos_token", "pad_token")})
+        template = config.get("chat_template")
+        if (directory / CHAT_TEMPLATE_FILE).is_file():  # transformers >= 4.43 may write it apart
+            template = (directory / CHAT_TEMPLATE_FILE).read_text()
+        return cls(hf, **{key: _token_name(config.get(key)) for key in ("bos_token", "eos_token", "pad_token")},
+                   chat_template=template if isinstance(template, str) else None)
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Token ids of ``text`` in which special tokens written out (``<|im_start|>``) are
+        those tokens: for text the program formats, such as a chat template's output."""
+        self._hf.encode_special_tokens = False
+        try:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        finally:
+            self._hf.encode_special_tokens = True
 
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` and a ``tokenizer_config.json`` that ``load`` (and transformers) read."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._hf.save(str(directory / BPE_FILE))
+        self._hf.save(str(directory / TOKENIZER_FILE))
         config = {"kind": self.kind, "vocab_size": self.vocab_size, "bos_token": self.bos_token,
-                  "eos_token": self.eos_token, "pad_token": self.pad_token}
+                  "eos_token": self.eos_token, "pad_token": self.pad_token, "chat_template": self.chat_template}
         path = directory / CONFIG_FILE
         path.write_text(json.dumps(config, indent=2) + "\n")
         return path
