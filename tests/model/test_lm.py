@@ -107,7 +107,8 @@ def test_training_through_a_state_backpropagates_across_segments():
 @pytest.mark.parametrize("layers,window", [(["attention"] * 2, None), (["attention", "mamba"], 5),
                                            (["dilated", "attention"], None)])
 def test_flops_per_token_counts_the_attended_pairs(layers, window):
-    """6 N for the matmuls, plus 12 head_dim FLOPs per (query, key) pair a head attends to."""
+    """Training: 6 N for the matmuls, plus 12 head_dim FLOPs per (query, key) pair a head
+    attends to; the forward alone: 2 N and 4 head_dim."""
     time = 23
     model = _model(layers=layers, attn_window=window, dilated_segments=[4, 32], dilated_rates=[1, 2], max_seq_len=32)
     c = model.config
@@ -117,3 +118,4 @@ def test_flops_per_token_counts_the_attended_pairs(layers, window):
     dilated = attended_pairs(time, c.n_heads, c.dilated_segments, c.dilated_rates)  # tested in tests/ops
     pairs = layers.count("attention") * c.n_heads * dense + layers.count("dilated") * dilated
     assert model.flops_per_token(time) == pytest.approx(matmul + 12 * c.head_dim * pairs / time)
+    assert model.flops_per_token(time, backward=False) == pytest.approx(matmul / 3 + 4 * c.head_dim * pairs / time)

@@ -239,27 +239,6 @@ def _layer_kinds(model) -> list[str]:
     return kinds
 
 
-def flops_per_example(model, length: int) -> float:
-    """Forward FLOPs of one example of ``length`` tokens (matmuls, attention scores and
-    values, the scan): a cost model to compare lengths, not a measurement."""
-    c = model.config
-    params = model.num_parameters(embeddings=False) + (model.lm_head.weight.numel() if c.tie_embeddings else 0)
-    per_token = 2.0 * params
-    total = per_token * length
-    d_inner = c.ssm_expand * c.d_model
-    for kind in _layer_kinds(model):
-        width = c.n_heads * c.head_dim
-        if kind == "attention":
-            keys = length / 2 if c.attn_window is None else min(length / 2, c.attn_window)
-            total += 4.0 * width * keys * length
-        elif kind == "dilated":
-            keys = sum(min(w, length) / r for w, r in zip(c.dilated_segments, c.dilated_rates)) / 2
-            total += 4.0 * width * keys * length
-        else:
-            total += 12.0 * d_inner * c.ssm_state * length
-    return total
-
-
 def memory_estimate(model, batch: int, length: int, chunk: int) -> int:
     """Bytes needed to evaluate ``batch`` examples of ``length`` tokens in chunks of ``chunk``:
     attention KV caches (twice, for the copy a chunk's attention may take), activations of a
@@ -377,7 +356,7 @@ def evaluate_task(
             if stop_reason is None and deadline is not None:
                 if rate is None:
                     rate = _probe_rate(model, task, options, length, min(b, 2), step, seed)
-                need = flops_per_example(model, length) * n_total / rate
+                need = model.flops_per_token(length, backward=False) * length * n_total / rate
                 # The speed measured at shorter lengths is pessimistic (more overhead per token), so
                 # skip only what is clearly out of reach; the check while running catches the rest.
                 if time.perf_counter() + 0.5 * need > deadline:
@@ -423,7 +402,7 @@ def evaluate_task(
             elapsed = time.perf_counter() - t0
             seconds[length] = elapsed
             tokens_per_s[length] = n_total * length / max(elapsed, 1e-9)
-            rate = flops_per_example(model, length) * n_total / max(elapsed, 1e-9)
+            rate = model.flops_per_token(length, backward=False) * length * n_total / max(elapsed, 1e-9)
             accuracy[length] = sum(results.values()) / len(results)
             if task == "passkey":
                 by_depth[length] = results
@@ -452,11 +431,11 @@ def _probe_rate(model, task, options, length, b, chunk, seed) -> float:
     x, y = make_examples(task, options, probe, range(b), seed=seed + 1)
     t0 = time.perf_counter()
     predict_asked(model, x, y, chunk=min(chunk, probe))
-    return flops_per_example(model, probe) * b / max(time.perf_counter() - t0, 1e-6)
+    return model.flops_per_token(probe, backward=False) * probe * b / max(time.perf_counter() - t0, 1e-6)
 
 
 __all__ = [
     "EVAL_SEED_BASE", "OUT_OF_MEMORY", "OVER_BUDGET", "PASSKEY_DEPTHS", "chance_level", "check_lengths",
-    "default_max_memory", "evaluate_task", "example_seed", "flops_per_example", "make_examples", "memory_estimate",
+    "default_max_memory", "evaluate_task", "example_seed", "make_examples", "memory_estimate",
     "parse_lengths", "predict_asked", "task_min_length", "task_options",
 ]

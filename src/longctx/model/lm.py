@@ -156,13 +156,14 @@ class LanguageModel(nn.Module):
                 n -= self.pos_embed.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward) at ``seq_len`` tokens: ``6 N`` for the
-        matmuls (PaLM, App. B) plus ``12 * head_dim`` for each (query, key) pair a head
-        attends to (q k and p v, forward and backward), averaged over the tokens.
-        ``attention`` layers attend causally to every earlier token and themselves, or to
-        the last ``attn_window``; ``dilated`` layers to their patterns' pairs
-        (``attended_pairs``).  The Mamba scans are elementwise and not counted."""
+    def flops_per_token(self, seq_len: int, *, backward: bool = True) -> float:
+        """FLOPs per token at ``seq_len`` tokens, forward and backward (training) or forward
+        only: ``2 N`` per token forward for the matmuls (PaLM, App. B) plus ``4 * head_dim``
+        for each (query, key) pair a head attends to (q k and p v), averaged over the tokens;
+        the backward costs twice the forward.  ``attention`` layers attend causally to every
+        earlier token and themselves, or to the last ``attn_window``; ``dilated`` layers to
+        their patterns' pairs (``attended_pairs``).  The Mamba scans are elementwise and not
+        counted."""
         c = self.config
         matmul_params = self.num_parameters(embeddings=False)
         if c.tie_embeddings:  # the LM head is a matmul even when it shares the embedding
@@ -176,4 +177,5 @@ class LanguageModel(nn.Module):
                 pairs += dense_pairs
             elif name == "dilated":
                 pairs += attended_pairs(seq_len, c.n_heads, c.dilated_segments, c.dilated_rates)
-        return 6 * matmul_params + 12 * c.head_dim * pairs / seq_len
+        forward = 2 * matmul_params + 4 * c.head_dim * pairs / seq_len
+        return 3 * forward if backward else forward
