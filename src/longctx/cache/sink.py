@@ -71,7 +71,7 @@ class SinkKVCache(LayerState):
         Several tokens at once only while they fit without eviction (a prompt shorter than
         the cache): each query of a longer chunk would need its own window.
         """
-        self._check(k, v)
+        self._check_update(k, v)
         new = k.shape[1]
         if new > 1 and self.seq_len + new > self.capacity:
             room = self.capacity - self.seq_len
@@ -93,7 +93,7 @@ class SinkKVCache(LayerState):
             self._k[:, self._lo : self._lo + self.n_sink] = shift_sinks(self._sink_k, self.evicted)
         return self._k[:, self._lo : self._end], self._v[:, self._lo : self._end]
 
-    def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _check_update(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.shape[0] != self.batch_size:
             raise ValueError(f"cache was made for batch size {self.batch_size}; got {k.shape[0]}")
         if self._k is not None and (self._k.shape[2:] != k.shape[2:] or self._v.shape[2:] != v.shape[2:]):

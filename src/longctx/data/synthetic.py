@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from longctx.validation import check, positive_int
+
 from .errors import DataError
 
 IGNORE = -100  # targets not asked (torch's cross_entropy ignore_index)
@@ -40,22 +42,18 @@ def _generator(seed: int) -> torch.Generator:
     return g
 
 
-def _need(condition: bool, message: str) -> None:
-    if not condition:
-        raise DataError(message)
-
-
 def _check_batch(batch: int, length: int) -> None:
-    _need(isinstance(batch, int) and batch >= 1, f"batch must be a positive integer; got {batch!r}")
-    _need(isinstance(length, int) and length >= 1, f"length must be a positive integer; got {length!r}")
+    positive_int("batch", batch, error=DataError)
+    positive_int("length", length, error=DataError)
 
 
 def selective_copying(batch: int, length: int, *, vocab: int = 16, n_tokens: int = 16, seed: int = 0):
     """``(inputs, targets)`` of the selective copying task; see the module docstring."""
     _check_batch(batch, length)
-    _need(vocab >= 3, f"selective copying needs vocab >= 3 (noise, marker, a data token); got {vocab}")
-    _need(n_tokens >= 1, f"n_tokens must be >= 1; got {n_tokens}")
-    _need(length >= 2 * n_tokens, f"selective copying of {n_tokens} tokens needs length >= {2 * n_tokens}; got {length}")
+    check(vocab >= 3, f"selective copying needs vocab >= 3 (noise, marker, a data token); got {vocab}", DataError)
+    check(n_tokens >= 1, f"n_tokens must be >= 1; got {n_tokens}", DataError)
+    check(length >= 2 * n_tokens,
+          f"selective copying of {n_tokens} tokens needs length >= {2 * n_tokens}; got {length}", DataError)
     g = _generator(seed)
     field = length - n_tokens
     data = torch.randint(1, vocab - 1, (batch, n_tokens), generator=g)
@@ -72,8 +70,8 @@ def selective_copying(batch: int, length: int, *, vocab: int = 16, n_tokens: int
 def induction(batch: int, length: int, *, vocab: int = 16, seed: int = 0):
     """``(inputs, targets)`` of the induction-heads task; see the module docstring."""
     _check_batch(batch, length)
-    _need(vocab >= 3, f"induction needs vocab >= 3 (the trigger and two others); got {vocab}")
-    _need(length >= 3, f"induction needs length >= 3 (trigger, value, trigger); got {length}")
+    check(vocab >= 3, f"induction needs vocab >= 3 (the trigger and two others); got {vocab}", DataError)
+    check(length >= 3, f"induction needs length >= 3 (trigger, value, trigger); got {length}", DataError)
     g = _generator(seed)
     trigger = vocab - 1
     inputs = torch.randint(0, trigger, (batch, length), generator=g)
@@ -90,9 +88,10 @@ def induction(batch: int, length: int, *, vocab: int = 16, seed: int = 0):
 def mqar(batch: int, length: int, *, vocab: int = 8192, pairs: int = 16, seed: int = 0):
     """``(inputs, targets)`` of multi-query associative recall; see the module docstring."""
     _check_batch(batch, length)
-    _need(vocab >= 4 and vocab % 2 == 0, f"mqar needs an even vocab >= 4; got {vocab}")
-    _need(1 <= pairs < vocab // 2, f"mqar needs 1 <= pairs < vocab / 2 = {vocab // 2} (distinct keys); got {pairs}")
-    _need(length >= 3 * pairs, f"mqar with {pairs} pairs needs length >= {3 * pairs}; got {length}")
+    check(vocab >= 4 and vocab % 2 == 0, f"mqar needs an even vocab >= 4; got {vocab}", DataError)
+    check(1 <= pairs < vocab // 2,
+          f"mqar needs 1 <= pairs < vocab / 2 = {vocab // 2} (distinct keys); got {pairs}", DataError)
+    check(length >= 3 * pairs, f"mqar with {pairs} pairs needs length >= {3 * pairs}; got {length}", DataError)
     g = _generator(seed)
     half = vocab // 2
     keys = torch.rand(batch, half - 1, generator=g).argsort(dim=1)[:, :pairs] + 1
@@ -119,10 +118,10 @@ def passkey(batch: int, length: int, *, depth: float = 0.5, digits: int = 5, see
     """``(inputs, targets)`` of passkey retrieval in UTF-8 bytes (the byte tokenizer's ids);
     ``depth`` in [0, 1] places the note in the filler.  See the module docstring."""
     _check_batch(batch, length)
-    _need(0.0 <= depth <= 1.0, f"passkey depth must be in [0, 1]; got {depth}")
-    _need(1 <= digits <= 18, f"passkey digits must be in 1..18; got {digits}")
+    check(0.0 <= depth <= 1.0, f"passkey depth must be in [0, 1]; got {depth}", DataError)
+    check(1 <= digits <= 18, f"passkey digits must be in 1..18; got {digits}", DataError)
     shortest = passkey_min_length(digits)
-    _need(length >= shortest, f"passkey with {digits} digits needs length >= {shortest}; got {length}")
+    check(length >= shortest, f"passkey with {digits} digits needs length >= {shortest}; got {length}", DataError)
     g = _generator(seed)
     inputs = torch.empty(batch, length, dtype=torch.long)
     targets = torch.full_like(inputs, IGNORE)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from longctx.ops.attention import _check
+from longctx.ops.attention import check_qkv
 from longctx.ops.dilated import Piece, attend_pieces, check_patterns, plan_pattern
 
 
@@ -85,7 +85,7 @@ def distributed_dilated_attention(
         local_time, heads)``: the single-process result at these positions, gradients included.
     """
     segs, rates = check_patterns(segment_lengths, dilation_rates)
-    _check(q, k, v)
+    check_qkv(q, k, v)
     batch, local, heads, dim = q.shape
     if k.shape[1] != local:
         raise ValueError(f"q and k/v must hold the same positions; got local lengths {local} and {k.shape[1]}")

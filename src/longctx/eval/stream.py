@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from longctx.cache import CACHE_POLICIES, DEFAULT_SINKS, DEFAULT_WINDOW, KVCache, SinkKVCache
 from longctx.eval.plotting import pyplot, save_figure
+from longctx.validation import positive_int
 
 # The attention caches, the quality reference that re-encodes each window from scratch,
 # and ``state``: the recurrent state of models without attention layers.
@@ -181,13 +182,6 @@ def _as_stream(ids, device, vocab_size: int) -> torch.Tensor:
     return ids.to(device=device, dtype=torch.long)[None]
 
 
-def _positive(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-
-
 def stream_nll(
     model,
     ids,
@@ -223,9 +217,9 @@ def stream_nll(
     """
     if cache not in POLICIES:
         raise ValueError(f"unknown stream policy {cache!r}; choose one of {', '.join(POLICIES)}")
-    _positive("segment", segment)
-    _positive("max_len", max_len, allow_none=True)
-    _positive("recompute_batch", recompute_batch, allow_none=True)
+    positive_int("segment", segment)
+    positive_int("max_len", max_len, allow_none=True)
+    positive_int("recompute_batch", recompute_batch, allow_none=True)
     if on_limit not in ON_LIMIT:
         raise ValueError(f"on_limit must be one of {', '.join(ON_LIMIT)}; got {on_limit!r}")
     attention = has_attention_cache(model)

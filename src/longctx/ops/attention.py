@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from longctx.validation import positive_int
+
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -26,7 +28,7 @@ _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _BLOCK = 256
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             "attention expects q, k, v of shape (batch, time, heads, head_dim); "
@@ -57,8 +59,7 @@ def _causal_mask(time: int, kv_time: int, device: torch.device, window: int | No
 def _check_window(window, causal: bool) -> None:
     if window is None:
         return
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window must be a positive integer or None; got {window!r}")
+    positive_int("window", window, allow_none=True)
     if not causal:
         raise ValueError("a sliding window needs causal=True (it keeps the window - 1 keys before each query)")
 
@@ -89,7 +90,7 @@ def attention_ref(
     q ``(B, T, H, D)``, k/v ``(B, S, Hkv, D)`` -> out ``(B, T, H, D)``, lse ``(B, T, H)``.
     Materialises the ``(B, H, T, S)`` score matrix; for tests and small inputs only.
     """
-    _check(q, k, v)
+    check_qkv(q, k, v)
     _check_window(window, causal)
     time, kv_time = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -270,7 +271,7 @@ def attention(
         in fp32 (``-inf`` for a row that sees no key, whose output is 0).
         Both are differentiable, ``lse`` included.
     """
-    _check(q, k, v)
+    check_qkv(q, k, v)
     _check_window(window, causal)
     time, kv_time = q.shape[1], k.shape[1]
     if window is not None and window >= kv_time:

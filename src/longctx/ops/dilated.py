@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from longctx.ops.attention import _check, alibi_bias, attention
+from longctx.ops.attention import check_qkv, alibi_bias, attention
 
 
 def dilated_patterns(max_len: int, first_segment: int = 2048, ratio: int = 2) -> tuple[list[int], list[int]]:
@@ -119,7 +119,7 @@ def dilated_attention_ref(q, k, v, *, segment_lengths, dilation_rates, causal: b
     a masked softmax, then the mix.  Same arguments and results as ``dilated_attention``;
     computes in fp32 at least.  Memory O(time x kv_time): tests only."""
     segs, rates = check_patterns(segment_lengths, dilation_rates)
-    _check(q, k, v)
+    check_qkv(q, k, v)
     batch, time, heads, dim = q.shape
     kv_time = k.shape[1]
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -420,7 +420,7 @@ def dilated_attention(
         fp32, the log of the mixed softmax denominator.  Differentiable, lse included.
     """
     segs, rates = check_patterns(segment_lengths, dilation_rates)
-    _check(q, k, v)
+    check_qkv(q, k, v)
     batch, time, heads, dim = q.shape
     kv_time = k.shape[1]
     if causal and kv_time < time:

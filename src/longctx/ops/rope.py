@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from longctx.validation import positive_int
+
 # rope_type -> (required keys, optional keys), "rope_type" aside.
 ROPE_SCALINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "linear": (("factor",), ()),
@@ -69,8 +71,7 @@ def check_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
             if not isinstance(value, bool):
                 raise ValueError(f"truncate must be true or false; got {value!r}")
         elif key == "original_max_position_embeddings":
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"original_max_position_embeddings must be a positive integer; got {value!r}")
+            positive_int("original_max_position_embeddings", value)
         elif not _number(value):
             raise ValueError(f"{key} must be a number; got {value!r}")
         elif key in ("factor", "attention_factor") and value <= 0:

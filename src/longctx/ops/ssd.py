@@ -37,7 +37,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _check(op: str, x, dt, A, B, C, D, dt_bias, state, step: bool) -> None:
+def _check_inputs(op: str, x, dt, A, B, C, D, dt_bias, state, step: bool) -> None:
     """Validate shapes; ``step`` means no time axis (``ssd_step``)."""
     lead = "(batch, heads" if step else "(batch, time, heads"
     if x.dim() != (3 if step else 4):
@@ -146,7 +146,7 @@ def ssd_step(
         y ``(batch, heads, head_dim)`` in x's dtype and the new state
         ``(batch, heads, head_dim, state)`` in fp32 (fp64 for fp64 x).
     """
-    _check("ssd_step", x, dt, A, B, C, D, dt_bias, state, step=True)
+    _check_inputs("ssd_step", x, dt, A, B, C, D, dt_bias, state, step=True)
     cd = _compute_dtype(x)
     dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cd)
     y, state = _step(x.to(cd), dt, A.to(cd), B.to(cd), C.to(cd), state.to(cd), D)
@@ -172,7 +172,7 @@ def ssd_ref(
     Same arguments and results as ``ssd`` (``chunk_size`` is accepted and ignored).
     O(time) sequential steps; for tests and short inputs.
     """
-    _check("ssd_ref", x, dt, A, B, C, D, dt_bias, initial_state, step=False)
+    _check_inputs("ssd_ref", x, dt, A, B, C, D, dt_bias, initial_state, step=False)
     cd = _compute_dtype(x)
     batch, time, heads, head_dim = x.shape
     dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cd)
@@ -250,7 +250,7 @@ def ssd(
         ``(batch, heads, head_dim, state)``, both computed in fp32 (fp64 for fp64 x) and
         differentiable in every tensor input.
     """
-    _check("ssd", x, dt, A, B, C, D, dt_bias, initial_state, step=False)
+    _check_inputs("ssd", x, dt, A, B, C, D, dt_bias, initial_state, step=False)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"ssd: chunk_size must be a positive int; got {chunk_size!r}")
     cd = _compute_dtype(x)
