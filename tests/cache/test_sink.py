@@ -131,7 +131,7 @@ def test_session_round_trip_mid_stream_continues_identically(tmp_path):
     with pytest.raises(ValueError, match="keeps 2 sinks \\+ window 8; this one 4 \\+ 8"):
         model.load_state(tmp_path / "s.safetensors", cache="sinks", sinks=4, window=8)
     old_format = {k: v for k, v in state.layers[1].state_dict().items() if k != "format"}
-    with pytest.raises(ValueError, match="earlier longctx.*start a new session"):
+    with pytest.raises(ValueError, match="keys before RoPE.*start a new session"):
         SinkKVCache(1, 2, 8).load_state_dict(old_format)
     dense = model.init_state(1)
     generate(model, prompt, 3, temperature=0, state=dense)

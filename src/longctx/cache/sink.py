@@ -9,9 +9,9 @@ import torch
 
 from longctx.cache.base import DEFAULT_SINKS, DEFAULT_WINDOW, LayerState
 
-# Version of what state_dict's keys mean: 2 = as the layer gave them (RoPE: rotated at their
-# stream positions), the sinks as first cached.  Version 1 (no "format" entry) held keys before
-# RoPE; its files cannot be continued.
+# What state_dict's keys mean, recorded in its "format" entry: 2 = as the layer gave them
+# (RoPE: rotated at their stream positions), the sinks as first cached.  A state without the
+# entry holds keys before RoPE, which this cache cannot continue.
 STATE_FORMAT = 2
 
 
@@ -167,8 +167,8 @@ class SinkKVCache(LayerState):
             raise ValueError(f"saved layer state (entries {sorted(state)}) is not a sink cache's; load it with "
                              "the cache options it was made with (e.g. cache='dense')")
         if int(state.get("format", 1)) != STATE_FORMAT:
-            raise ValueError("this sink-cache session was saved by an earlier longctx, whose cache held keys before "
-                             "RoPE; it cannot be continued by this version: start a new session")
+            raise ValueError("this sink-cache session holds keys before RoPE (its state has no format 2 entry), "
+                             "which this cache cannot continue: start a new session")
         n_sink, window = (int(x) for x in state["policy"])
         if (n_sink, window) != (self.n_sink, self.window):
             raise ValueError(f"saved sink cache keeps {n_sink} sinks + window {window}; this one {self.n_sink} + "

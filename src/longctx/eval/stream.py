@@ -222,6 +222,25 @@ def stream_nll(
     positive_int("recompute_batch", recompute_batch, allow_none=True)
     if on_limit not in ON_LIMIT:
         raise ValueError(f"on_limit must be one of {', '.join(ON_LIMIT)}; got {on_limit!r}")
+    _check_policy(model, cache, sinks, window, max_len)
+    sinks = DEFAULT_SINKS if sinks is None else sinks
+    window = DEFAULT_WINDOW if window is None else window
+
+    device = next(model.parameters()).device
+    ids = _as_stream(ids, device, model.config.vocab_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if cache == "recompute":
+                return _stream_recompute(model, ids, sinks, window, segment, recompute_batch, progress)
+            return _stream_stateful(model, ids, cache, sinks, window, segment, max_len, on_limit, progress)
+    finally:
+        model.train(was_training)
+
+
+def _check_policy(model, cache: str, sinks, window, max_len) -> None:
+    """Refuse a policy that does not apply to ``model``; warn about options it ignores."""
     attention = has_attention_cache(model)
     if attention and cache == "state":
         raise ValueError("cache='state' is for models without attention layers (it only carries their recurrent "
@@ -236,59 +255,56 @@ def stream_nll(
     given = {"sinks": sinks, "window": window}
     for name in ignored:
         if given[name] is not None:
-            warnings.warn(f"{name}={given[name]} is ignored with cache={cache!r}", stacklevel=2)
+            warnings.warn(f"{name}={given[name]} is ignored with cache={cache!r}", stacklevel=3)
     if max_len is not None and cache != "dense":
-        warnings.warn(f"max_len={max_len} caps the dense cache only; it is ignored with cache={cache!r}", stacklevel=2)
-    sinks = DEFAULT_SINKS if sinks is None else sinks
-    window = DEFAULT_WINDOW if window is None else window
+        warnings.warn(f"max_len={max_len} caps the dense cache only; it is ignored with cache={cache!r}", stacklevel=3)
 
-    device = next(model.parameters()).device
-    ids = _as_stream(ids, device, model.config.vocab_size)
+
+def _stream_recompute(model, ids, sinks: int, window: int, segment: int, batch: int | None,
+                      progress: bool) -> StreamResult:
+    SinkKVCache(1, sinks, window)  # the sink cache's validation of both numbers
+    span = sinks + window
+    limit = model.position_limit()
+    if limit is not None and span > limit:
+        raise ValueError(f"recompute re-encodes windows of sinks + window = {span} tokens, more than this "
+                         f"model's limit of {limit} positions (model.max_seq_len); use a smaller window "
+                         "or fewer sinks")
+    result = StreamResult("recompute", np.empty(0, np.float32), [], ids.shape[1], sinks, window, span)
+    _run_recompute(model, ids, ids.shape[1] - 1, segment, batch, result, progress)
+    return result
+
+
+def _stream_stateful(model, ids, cache: str, sinks: int, window: int, segment: int, max_len: int | None,
+                     on_limit: str, progress: bool) -> StreamResult:
+    """The stream token by token through a cache (or recurrent state), up to the position limit."""
     total = ids.shape[1] - 1  # predictions wanted
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            if cache == "recompute":
-                SinkKVCache(1, sinks, window)  # the sink cache's validation of both numbers
-                span = sinks + window
-                limit = model.position_limit()
-                if limit is not None and span > limit:
-                    raise ValueError(f"recompute re-encodes windows of sinks + window = {span} tokens, more than this "
-                                     f"model's limit of {limit} positions (model.max_seq_len); use a smaller window "
-                                     "or fewer sinks")
-                result = StreamResult("recompute", np.empty(0, np.float32), [], ids.shape[1], sinks, window, span)
-                _run_recompute(model, ids, total, segment, recompute_batch, result, progress)
-                return result
-            options = {"dense": {}, "state": {}, "window": dict(cache="window", window=window),
-                       "sinks": dict(cache="sinks", sinks=sinks, window=window)}[cache]
-            state = model.init_state(1, **options)
-            limit, what = model.position_limit(state), "the model's position limit (model.max_seq_len)"
-            if cache == "dense" and max_len is not None and (limit is None or max_len < limit):
-                limit, what = max_len, "max_len"
-            result = StreamResult(
-                cache, np.empty(0, np.float32), [], ids.shape[1],
-                sinks=sinks if cache == "sinks" else 0,
-                window=window if cache in ("sinks", "window") else None,
-                span={"sinks": sinks + window, "window": window}.get(cache),
+    options = {"dense": {}, "state": {}, "window": dict(cache="window", window=window),
+               "sinks": dict(cache="sinks", sinks=sinks, window=window)}[cache]
+    state = model.init_state(1, **options)
+    limit, what = model.position_limit(state), "the model's position limit (model.max_seq_len)"
+    if cache == "dense" and max_len is not None and (limit is None or max_len < limit):
+        limit, what = max_len, "max_len"
+    result = StreamResult(
+        cache, np.empty(0, np.float32), [], ids.shape[1],
+        sinks=sinks if cache == "sinks" else 0,
+        window=window if cache in ("sinks", "window") else None,
+        span={"sinks": sinks + window, "window": window}.get(cache),
+    )
+    n = total
+    if limit is not None and total > limit:
+        if on_limit == "error":
+            raise ValueError(
+                f"the stream has {ids.shape[1]} tokens, so cache={cache!r} would feed {total} of them (the "
+                f"last is only predicted), more than {what} of {limit}; pass on_limit='stop' to evaluate the "
+                f"first {limit} predictions, shorten the stream"
+                + (", or use cache='sinks' or 'window', whose caches stay within the limit"
+                   if cache == "dense" else "")
             )
-            n = total
-            if limit is not None and total > limit:
-                if on_limit == "error":
-                    raise ValueError(
-                        f"the stream has {ids.shape[1]} tokens, so cache={cache!r} would feed {total} of them (the "
-                        f"last is only predicted), more than {what} of {limit}; pass on_limit='stop' to evaluate the "
-                        f"first {limit} predictions, shorten the stream"
-                        + (", or use cache='sinks' or 'window', whose caches stay within the limit"
-                           if cache == "dense" else "")
-                    )
-                n = limit
-                result.stopped_at = limit
-                result.notes.append(f"stopped after {limit} of {total} predictions: {what} is {limit}")
-            _run_stateful(model, ids, state, n, segment, result, progress)
-            return result
-    finally:
-        model.train(was_training)
+        n = limit
+        result.stopped_at = limit
+        result.notes.append(f"stopped after {limit} of {total} predictions: {what} is {limit}")
+    _run_stateful(model, ids, state, n, segment, result, progress)
+    return result
 
 
 def _segment(result: StreamResult, nll: torch.Tensor, start: int, end: int, t0: float, state) -> None:

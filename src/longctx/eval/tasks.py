@@ -312,16 +312,7 @@ def evaluate_task(
         raise ConfigError(f"examples and batch must be >= 1; got {examples}, {batch}")
     if budget_seconds is not None and budget_seconds <= 0:
         raise ConfigError(f"the time budget must be positive; got {budget_seconds}")
-    if task == "passkey":
-        depths = PASSKEY_DEPTHS if depths is None else tuple(float(d) for d in depths)
-        if not depths or not all(0.0 <= d <= 1.0 for d in depths):
-            raise ConfigError(f"passkey depths must be in [0, 1]; got {list(depths)}")
-        cells = [(i, d) for i, d in enumerate(depths)]
-        per_cell = max(1, math.ceil(examples / len(depths)))
-    else:
-        if depths is not None:
-            raise ConfigError(f"depths apply to the passkey task only, not {task!r}")
-        cells, per_cell = [(0, None)], examples
+    cells, per_cell = _cells(task, examples, depths)
     max_memory = default_max_memory() if max_memory is None else int(max_memory)
     chunk_len = DEFAULT_CHUNK if chunk is None else int(chunk)
     if chunk_len < 1:
@@ -368,26 +359,7 @@ def evaluate_task(
                 continue
             t0 = time.perf_counter()
             try:
-                results = {}
-                done = 0
-                for depth_index, depth in cells:
-                    correct = asked = 0
-                    for first in range(0, per_cell, b):
-                        if deadline is not None and done:
-                            # Give up early when the rest of this length cannot finish in time.
-                            per_example = (time.perf_counter() - t0) / done
-                            if time.perf_counter() + per_example * (n_total - done) > deadline:
-                                raise _OverBudget
-                        idx = range(first, min(first + b, per_cell))
-                        x, y = make_examples(task, options, length, idx, seed=seed, depth=depth,
-                                             depth_index=depth_index)
-                        logits = predict_asked(model, x, y, chunk=step, deadline=deadline)
-                        wanted = y[y != IGNORE]
-                        correct += int((logits.argmax(-1) == wanted).sum())
-                        asked += wanted.numel()
-                        done += len(idx)
-                        del x, y, logits
-                    results[depth] = correct / max(asked, 1)
+                results = _accuracy_by_cell(model, task, options, length, cells, per_cell, b, step, seed, deadline)
             except _OverBudget:
                 stop_reason = OVER_BUDGET
                 say(f"length {length}: over budget (stopped while running)")
@@ -417,6 +389,43 @@ def evaluate_task(
         out["by_depth"] = by_depth
         out["depths"] = [d for _, d in cells]
     return out
+
+
+def _cells(task: str, examples: int, depths) -> tuple[list[tuple[int, float | None]], int]:
+    """The (depth index, depth) cells a length's examples are split over, and the examples
+    per cell: the passkey depths, or one cell for the other tasks."""
+    if task != "passkey":
+        if depths is not None:
+            raise ConfigError(f"depths apply to the passkey task only, not {task!r}")
+        return [(0, None)], examples
+    depths = PASSKEY_DEPTHS if depths is None else tuple(float(d) for d in depths)
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ConfigError(f"passkey depths must be in [0, 1]; got {list(depths)}")
+    return list(enumerate(depths)), max(1, math.ceil(examples / len(depths)))
+
+
+def _accuracy_by_cell(model, task, options, length, cells, per_cell, batch, chunk, seed, deadline) -> dict:
+    """``{depth: accuracy}`` at ``length``, ``batch`` examples per forward pass; raises
+    ``_OverBudget`` as soon as the rest of this length cannot finish by ``deadline``."""
+    t0, done, n_total = time.perf_counter(), 0, per_cell * len(cells)
+    results = {}
+    for depth_index, depth in cells:
+        correct = asked = 0
+        for first in range(0, per_cell, batch):
+            if deadline is not None and done:
+                per_example = (time.perf_counter() - t0) / done
+                if time.perf_counter() + per_example * (n_total - done) > deadline:
+                    raise _OverBudget
+            idx = range(first, min(first + batch, per_cell))
+            x, y = make_examples(task, options, length, idx, seed=seed, depth=depth, depth_index=depth_index)
+            logits = predict_asked(model, x, y, chunk=chunk, deadline=deadline)
+            wanted = y[y != IGNORE]
+            correct += int((logits.argmax(-1) == wanted).sum())
+            asked += wanted.numel()
+            done += len(idx)
+            del x, y, logits
+        results[depth] = correct / max(asked, 1)
+    return results
 
 
 def _set_all(accuracy, by_depth, length, cells, status, task) -> None:
