@@ -95,13 +95,23 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    """One line from stdin per turn, put into ``--template``; the reply streams until eos,
-    ``--stop`` text or ``--max-new-tokens``.  Every turn continues the same state."""
+    """One line from stdin per turn; the reply streams until the end-of-turn token, ``--stop``
+    text or ``--max-new-tokens``.  Every turn continues the same state.  A model whose
+    tokenizer has a chat template gets it (unless ``--template`` is given)."""
     from longctx.generation import stream_text
+    from longctx.generation.chat import ChatSession
 
     model, tokenizer, state = _session(args)
-    if "{prompt}" not in args.template:
-        raise ValueError(f"--template must contain {{prompt}}; got {args.template!r}")
+    template = getattr(tokenizer, "chat_template", None) if args.template is None else None
+    if template is None:
+        args.template = args.template or "USER: {prompt}\n\nASSISTANT: "
+        if "{prompt}" not in args.template:
+            raise ValueError(f"--template must contain {{prompt}}; got {args.template!r}")
+    elif args.load_state:
+        raise ValueError("a chat template session cannot continue a saved state (the conversation so far is not "
+                         "saved with it); give --template to chat on a saved state")
+    chat = None if template is None else ChatSession(template, tokenizer.bos_token, tokenizer.eos_token,
+                                                     system=args.system)
     sampling = _sampling(args)
     interactive = sys.stdin.isatty()
     while True:
@@ -111,9 +121,11 @@ def _chat(args: argparse.Namespace) -> int:
         line = sys.stdin.readline()
         if not line:
             break
+        text = line.rstrip("\n")
+        prompt = args.template.format(prompt=text) if chat is None else chat.turn(text)
         reply = ""
-        for piece in stream_text(model, tokenizer, args.template.format(prompt=line.rstrip("\n")),
-                                 args.max_new_tokens, state=state, **sampling):
+        for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, state=state,
+                                 templated=chat is not None, **sampling):
             reply += piece
             if args.stop and args.stop in reply:
                 piece = piece[: len(piece) - (len(reply) - reply.index(args.stop))]
@@ -123,6 +135,9 @@ def _chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if chat is not None:
+            pending = state.extra.get("pending")
+            chat.reply(reply, ended=pending is not None and int(pending[0, 0]) == tokenizer.eos_id)
         sampling["seed"] = None  # later turns continue the session's RNG
     _save_session(args, model, state)
     return 0
@@ -215,11 +230,11 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_hf(args: argparse.Namespace) -> int:
-    from longctx.train.runs import import_hf_run
+def _import(args: argparse.Namespace) -> int:
+    from longctx.train.runs import import_run
 
-    run = import_hf_run(args.hf_dir, args.out)
-    print(f"imported {args.hf_dir} into {run}; try: longctx info {run}")
+    run = import_run(args.source, args.out)
+    print(f"imported {args.source} into {run}; try: longctx info {run}")
     return 0
 
 
@@ -270,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="a multi-turn session on one cache: a line from stdin per turn")
     session_options(p)
-    p.add_argument("--template", default="USER: {prompt}\n\nASSISTANT: ",
-                   help="text fed for each line, {prompt} standing for the line")
+    p.add_argument("--template", default=None,
+                   help="text fed for each line, {prompt} standing for the line (default: the model's chat template "
+                        "when its tokenizer has one, else 'USER: {prompt}\\n\\nASSISTANT: ')")
+    p.add_argument("--system", default=None, help="a system message for the chat template")
     p.add_argument("--stop", default=None, help="end a reply when this text appears (e.g. 'USER:')")
     p.add_argument("--max-new-tokens", type=int, default=200, help="per reply")
     p.set_defaults(func=_chat)
@@ -289,10 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("import-hf", help="make a run from a local Hugging Face checkpoint")
-    p.add_argument("hf_dir", help="directory with config.json and model.safetensors")
+    p = sub.add_parser("import", aliases=["import-hf"],
+                       help="make a run from a Hugging Face checkpoint, a GGUF file or an installed model")
+    p.add_argument("source", help="a Hugging Face checkpoint directory (config.json + safetensors), a .gguf file, "
+                                  "or an installed model's name (smollm2-135m)")
     p.add_argument("out", help="run directory to create")
-    p.set_defaults(func=_import_hf)
+    p.set_defaults(func=_import)
 
     p = sub.add_parser("stream-eval", help="perplexity over one long stream under KV-cache policies (StreamingLLM)")
     p.add_argument("run", help="run directory, or a Hugging Face checkpoint directory")

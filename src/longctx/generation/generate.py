@@ -38,7 +38,8 @@ def stream(
     The prompt ``ids`` ``(time,)`` or ``(batch, time)`` is prefilled in one pass, then each
     step feeds one token through the cache.  ``max_new_tokens=None`` generates until every
     sequence stopped, or up to the model's position limit when it has one.  A sequence that produced a ``stop`` token
-    keeps producing it; iteration ends when every sequence has stopped.
+    keeps producing it; iteration ends when every sequence has stopped.  Continuing a session
+    with new ``ids`` resumes the sequences that had stopped (the next turn of a chat).
 
     Pass ``state`` to continue a session: ``ids`` are then the new tokens only.  The last
     token yielded has not been through the model yet (no step is spent on a token nobody
@@ -52,6 +53,8 @@ def stream(
     ids = _as_batch(ids).to(next(model.parameters()).device)
     if state is None:
         state = model.init_state(ids.shape[0])
+    if ids.shape[1]:  # new input (a chat turn) resumes sequences that had stopped
+        state.extra.pop("done", None)
     pending = state.extra.pop("pending", None)
     if pending is not None:
         if ids.shape[0] not in (1, pending.shape[0]):
@@ -79,7 +82,7 @@ def stream(
         generator.manual_seed(int(torch.randint(2**62, ())))
     stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=ids.device)
     logits = model(ids, state)[:, -1]
-    # Sequences that stopped earlier in the session stay stopped.
+    # Sequences that stopped earlier in the session stay stopped until new input comes.
     done = state.extra.get("done", torch.zeros(ids.shape[0], dtype=torch.bool)).to(ids.device)
     # Per-token bookkeeping only where it can change anything (it is a tenth of a small
     # model's step): stop checks when there are stop ids or stopped sequences, the RNG

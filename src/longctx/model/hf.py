@@ -25,7 +25,7 @@ from longctx.model import hf_llama, hf_mamba
 from longctx.model.hf_common import HFCheckpointError
 from longctx.model.lm import LanguageModel
 
-__all__ = ["ARCHITECTURES", "HFCheckpointError", "from_hf", "read_hf_config", "to_hf"]
+__all__ = ["ARCHITECTURES", "HFCheckpointError", "from_hf", "model_from_tensors", "read_hf_config", "to_hf"]
 
 # architecture -> (model_type, the module that reads and writes it)
 ARCHITECTURES: dict[str, tuple[str, Any]] = {
@@ -77,10 +77,17 @@ def from_hf(path: str | Path) -> LanguageModel:
     """A ``LanguageModel`` with the weights of a local Hugging Face checkpoint directory."""
     path = Path(path)
     arch, hf = read_hf_config(path)
+    return model_from_tensors(arch, hf, _read_tensors(path), path)
+
+
+def model_from_tensors(arch: str, hf: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> LanguageModel:
+    """The model of Hugging Face architecture ``arch`` with config values ``hf`` and
+    ``tensors`` under their Hugging Face names (``path`` names the source in errors); fp32
+    tensors become its parameters, uncopied."""
     family = ARCHITECTURES[arch][1]
     config = family.read_config(arch, hf, path)
-    model = LanguageModel(config)
-    tensors = _read_tensors(path)
+    with torch.device("meta"):  # no random init of weights that the tensors replace
+        model = LanguageModel(config)
     loaded, missing, used = {}, [], set()
     for name, target in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_embeddings:
@@ -110,7 +117,9 @@ def from_hf(path: str | Path) -> LanguageModel:
             raise HFCheckpointError(f"{path}: {len(unused)} unexpected tensor(s) that the {arch} config does not "
                                     f"describe: {listed}")
         warnings.warn(f"{path}: {len(unused)} tensor(s) not used by the {arch} mapping: {listed}", stacklevel=2)
-    model.load_state_dict(loaded, strict=False)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
     return model.eval()
 
 

@@ -1,4 +1,7 @@
-"""Run directories as a whole: load a trained model, or make a run from an imported one."""
+"""Models from any source, in one place: a run directory, a Hugging Face checkpoint
+directory, a GGUF file or the name of an installed model (``load_run``); and a run made
+from an imported model (``import_run``).  Every command, evaluation and server loads
+through here."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 from longctx.data import DataError, HFTokenizer, load_tokenizer, save_tokenizer
 from longctx.model import LanguageModel
 from longctx.model.config import ConfigError
+from longctx.model.installed import installed_model_path, is_model_name
 from longctx.train.checkpoint import (
     CheckpointError,
     checkpoint_dir,
@@ -43,15 +47,39 @@ def load_hf_checkpoint(hf_dir: str | Path):
     return RunConfig(model=model.config), model, tokenizer, hf_dir
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
-    """The trained model of a run directory: ``(RunConfig, LanguageModel, tokenizer or None, checkpoint path)``.
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file that starts with GGUF's magic bytes."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
-    ``checkpoint`` picks one under ``RUN/checkpoints`` (a ``step_*`` name or a path);
-    default the latest.  A Hugging Face checkpoint directory loads too (``load_hf_checkpoint``).
+
+def load_gguf(path: str | Path):
+    """A GGUF file (``longctx.model.gguf``) as ``load_run`` returns a run."""
+    from longctx.model.gguf import from_gguf
+
+    model, tokenizer = from_gguf(path)
+    return RunConfig(model=model.config), model, tokenizer, Path(path)
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
+    """The model of ``run_dir``: ``(RunConfig, LanguageModel in eval mode, tokenizer or None, path)``.
+
+    ``run_dir`` is a run directory (``checkpoint`` picks one under ``RUN/checkpoints``, a
+    ``step_*`` name or a path; default the latest), a Hugging Face checkpoint directory, a
+    GGUF file, or the name of an installed model (``longctx.model.installed``, e.g.
+    ``smollm2-135m``).
     """
+    if is_model_name(run_dir) or is_gguf_file(run_dir):
+        if checkpoint is not None:
+            raise CheckpointError(f"{run_dir} is a model file, not a run: it has no --checkpoint choice")
+        return load_gguf(installed_model_path(run_dir) if is_model_name(run_dir) else run_dir)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist")
+        what = "GGUF file" if run_dir.suffix == ".gguf" else "run directory"
+        raise CheckpointError(f"{what} {run_dir} does not exist")
     if is_hf_checkpoint(run_dir):
         if checkpoint is not None:
             raise CheckpointError(f"{run_dir} is a Hugging Face checkpoint, not a run: it has no --checkpoint choice")
@@ -82,23 +110,33 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
     return cfg, model, tokenizer, path
 
 
-def import_hf_run(hf_dir: str | Path, run_dir: str | Path) -> Path:
-    """Make a run directory from a local Hugging Face checkpoint, so ``generate``, ``eval``
-    and ``info`` work on it.  Its ``tokenizer.json`` comes along."""
-    from longctx.model.hf import from_hf
-
-    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+def import_run(source: str | Path, run_dir: str | Path) -> Path:
+    """Make a run directory from a Hugging Face checkpoint directory, a GGUF file or an
+    installed model's name, so ``generate``, ``eval`` and ``info`` work on it without the
+    source.  Its tokenizer (and chat template) comes along."""
+    run_dir = Path(run_dir)
     if list_checkpoints(run_dir) or (run_dir / "config.json").exists():
         raise ConfigError(f"{run_dir} already holds a run; choose another output directory")
-    model = from_hf(hf_dir)
+    note = "none (generate and eval need one: put a tokenizer.json beside the checkpoint)"
+    if is_model_name(source) or is_gguf_file(source):
+        _, model, tokenizer, path = load_run(source)
+    else:
+        path = Path(source)
+        if not path.is_dir():
+            raise CheckpointError(f"{source} is neither a Hugging Face checkpoint directory, a GGUF file, nor an "
+                                  "installed model's name")
+        from longctx.model.hf import from_hf
+
+        model, tokenizer = from_hf(path), None
+        if (path / "tokenizer.json").is_file():
+            try:
+                tokenizer = HFTokenizer.load(path)
+            except DataError as e:
+                note = f"not usable: {e}"
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, run_dir)
+        note = "tokenizer.json"
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_note = "none (generate and eval need one: put a tokenizer.json beside the checkpoint)"
-    if (hf_dir / "tokenizer.json").is_file():
-        try:
-            save_tokenizer(HFTokenizer.load(hf_dir), run_dir)
-            tokenizer_note = "tokenizer.json"
-        except DataError as e:
-            tokenizer_note = f"not usable: {e}"
     write_json_atomic(run_dir / "config.json", RunConfig(model=model.config).to_dict())
-    save_checkpoint(run_dir, 0, model, None, {"imported_from": str(hf_dir.resolve()), "tokenizer": tokenizer_note})
+    save_checkpoint(run_dir, 0, model, None, {"imported_from": str(Path(path).resolve()), "tokenizer": note})
     return run_dir
