@@ -104,10 +104,13 @@ def test_console_script_runs_as_module(tmp_path):
         (["train", "--set", "train.bogus=1", "--out", "{tmp}/r"], "unknown train config key"),
         (["train", "--set", "train.lr=0", "--out", "{tmp}/r"], "train.lr must be positive"),
         (["generate", "{tmp}/missing"], "does not exist"),
+        (["train", "--data", "{tmp}/image.png", "--out", "{tmp}/r"], "image.png' is not a text file"),
+        (["train", "--set", "train.lr=fast", "--out", "{tmp}/r"], "train.lr must be a number; got 'fast'"),
     ],
 )
 def test_bad_input_gets_a_clear_error(tmp_path, args, match, capsys):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(100))
     assert main([a.format(tmp=tmp_path) for a in args]) == 2
     assert re.search(match, capsys.readouterr().err)
 
@@ -176,6 +179,8 @@ def test_a_signal_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_corpus, 
     assert "interrupted at step" in out
     step = int(out.split("interrupted at step ")[1].split(";")[0])
     assert (run / "checkpoints" / f"step_{step:06d}").is_dir()
+    # The interrupted run keeps its curve and summary so far.
+    assert (run / "loss.png").is_file() and json.loads((run / "summary.json").read_text())["step"] == step
     before, after, _ = _resume(run, capsys, "--set", f"train.steps={step + 2}")
     assert [r["step"] for r in after if "loss" in r] == list(range(1, step + 3))
     assert after[: len(before)] == before  # the resumed process ran only steps step+1 and step+2
@@ -230,3 +235,15 @@ def test_bpe_tokenizer_run_trains_and_generates(tmp_path, tiny_corpus, capsys):
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "def f", "--max-new-tokens", "5", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("def f")
+
+
+@pytest.mark.parametrize("option,match", [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "2"], r"top_p must be in \(0, 1\]"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 0, or -1 for no limit"),
+])
+def test_bad_generation_options_are_refused_before_any_output(tmp_path, capsys, option, match):
+    """Checked before the run is even looked at: the run here does not exist."""
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "def ", *option]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and re.search(match, err)

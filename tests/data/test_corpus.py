@@ -24,7 +24,8 @@ def test_file(corpus):
 
 
 def test_folder_skips_binary_hidden_and_empty(corpus):
-    files = resolve_corpus(corpus)
+    with pytest.warns(UserWarning, match="skipped 1 file\\(s\\) that are not text \\(blob.bin\\)"):
+        files = resolve_corpus(corpus)
     assert files == [corpus / "a.txt", corpus / "sub" / "b.py", corpus / "sub" / "c.txt"]
     docs = dict(read_documents(files))
     assert docs == {"a.txt": "alpha\n", "sub/b.py": "beta = 1\n", "sub/c.txt": "bad \ufffd byte\n"}
@@ -35,6 +36,18 @@ def test_glob(corpus):
     assert resolve_corpus(str(corpus / "sub" / "?.py")) == [corpus / "sub" / "b.py"]
     with pytest.raises(DataError, match="matched no text files"):
         resolve_corpus(str(corpus / "*.nothing"))
+
+
+def test_binary_files_given_by_name_are_refused(tmp_path):
+    """Random bytes (no NUL byte in this sample) and a PNG are not text, whatever their name."""
+    import random
+
+    noise = bytes(random.Random(0).choice(range(1, 256)) for _ in range(20000))
+    (tmp_path / "noise.txt").write_bytes(noise)
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(100))
+    for name in ("noise.txt", "image.png"):
+        with pytest.raises(DataError, match=f"'{tmp_path / name}' is not a text file"):
+            resolve_corpus(tmp_path / name)
 
 
 def test_errors(tmp_path):

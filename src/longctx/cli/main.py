@@ -53,8 +53,21 @@ def _train(args: argparse.Namespace) -> int:
         )
     if result.sample is not None:
         print("sample:\n" + result.sample)
-    print(f"run saved in {out}")
+    print(f"run saved in {out}; next:\n"
+          f"  longctx generate {out} --prompt 'def ' --max-new-tokens 200   # continue a text\n"
+          f"  longctx eval {out} --data PATH                              # bits per byte on other text\n"
+          f"  longctx info {out}                                          # what the run holds")
     return 0
+
+
+def _check_session_args(args: argparse.Namespace) -> None:
+    """Refuse bad generation options before anything is loaded or printed."""
+    from longctx.generation.sampling import check_sampling
+
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < -1 or (args.max_new_tokens == -1 and args.command == "chat"):
+        allowed = ">= 0" if args.command == "chat" else ">= 0, or -1 for no limit (until eos or Ctrl-C)"
+        raise ValueError(f"--max-new-tokens must be {allowed}; got {args.max_new_tokens}")
 
 
 def _session(args: argparse.Namespace):
@@ -62,6 +75,7 @@ def _session(args: argparse.Namespace):
     chosen cache policy, or the saved session of ``--load-state``."""
     from longctx.train.runs import load_run
 
+    _check_session_args(args)
     _, model, tokenizer, _ = load_run(args.run, args.checkpoint)
     _need_tokenizer(tokenizer, args.run)
     cache = {"cache": args.cache, "sinks": args.sinks, "window": args.window}

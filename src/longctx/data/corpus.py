@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import sysconfig
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,10 +33,10 @@ def default_corpus_files() -> list[Path]:
 def resolve_corpus(spec: str | Path | None) -> list[Path]:
     """The absolute paths of the non-empty files named by `spec`, sorted.
 
-    None is the standard library; a file is itself; a folder is every text
-    file under it (hidden entries and files with a NUL byte in their first
-    8 KiB skipped); a string with `*`, `?` or `[` that is not an existing
-    path is a glob (`**` recurses) whose text files are taken.
+    None is the standard library; a file is itself, and must be text (UTF-8);
+    a folder is every text file under it (hidden entries skipped, and binary
+    files, with a warning that counts them); a string with `*`, `?` or `[` that
+    is not an existing path is a glob (`**` recurses) whose text files are taken.
     """
     if spec is None:
         files = default_corpus_files()
@@ -46,14 +47,17 @@ def resolve_corpus(spec: str | Path | None) -> list[Path]:
             )
         where = "the Python standard library"
     elif isinstance(spec, str) and _GLOB_CHARS & set(spec) and not Path(spec).expanduser().exists():
-        matches = glob.glob(os.path.expanduser(spec), recursive=True)
-        files = sorted(p for p in map(Path, matches) if p.is_file() and _is_text(p))
+        matches = [p for p in map(Path, glob.glob(os.path.expanduser(spec), recursive=True)) if p.is_file()]
+        files = _keep_text(matches, f"glob '{spec}'")
         if not files:
             raise DataError(f"glob '{spec}' matched no text files; check the pattern")
         where = f"glob '{spec}'"
     else:
         path = Path(spec).expanduser()
         if path.is_file():
+            if not _is_text(path):
+                raise DataError(f"'{spec}' is not a text file (it holds binary data or is not UTF-8); pass text "
+                                "files, a folder or a glob")
             files = [path]
         elif path.is_dir():
             files = _text_files_under(path)
@@ -72,17 +76,30 @@ def _text_files_under(root: Path) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            path = Path(dirpath, name)
-            if not name.startswith(".") and path.is_file() and _is_text(path):
-                files.append(path)
-    return sorted(files)
+        files.extend(Path(dirpath, name) for name in filenames if not name.startswith("."))
+    return _keep_text(sorted(p for p in files if p.is_file()), f"folder '{root}'")
+
+
+def _keep_text(paths: list[Path], where: str) -> list[Path]:
+    """The text files of ``paths``; a warning names how many others were skipped."""
+    text = [p for p in paths if _is_text(p)]
+    skipped = [p.name for p in paths if p not in set(text)]
+    if skipped:
+        examples = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        warnings.warn(f"{where}: skipped {len(skipped)} file(s) that are not text ({examples})", stacklevel=3)
+    return sorted(text)
 
 
 def _is_text(path: Path) -> bool:
-    """Binary files almost always hold a NUL byte early on; text never does."""
+    """Whether the file's first 8 KiB read as UTF-8 text: binary files almost always hold a
+    NUL byte early on, and other encodings or random bytes fail to decode (a character cut
+    at the end of the sample is allowed)."""
     with open(path, "rb") as f:
-        return b"\0" not in f.read(_SNIFF_BYTES)
+        head = f.read(_SNIFF_BYTES)
+    if b"\0" in head:
+        return False
+    text = head.decode("utf-8", errors="replace")
+    return text.count("\ufffd") <= 1 + len(text) // 1000
 
 
 def document_names(files: Sequence[Path]) -> list[str]:

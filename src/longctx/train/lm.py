@@ -153,9 +153,18 @@ class _LanguageModelRun:
         return f"step {step}: val loss {self.val['loss']:.4f}, {self.val['bpb']:.3f} bits/byte (unigram {self.unigram:.3f})"
 
     def save(self, step: int, compute_seconds: float) -> None:
+        """A checkpoint, and the loss curve and summary so far (an interrupted run keeps them)."""
         if self.main:
             save_checkpoint(self.run_dir, step, self.model, self.optimizer, {"seed": self.cfg.train.seed,
                             "data_position": step}, self.cfg.train.keep_checkpoints)
+            self.write_summary(step)
+
+    def write_summary(self, step: int) -> None:
+        plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", self.unigram)
+        write_json_atomic(self.run_dir / "summary.json", {
+            "step": step, "steps": self.cfg.train.steps, "val": self.val, "unigram_bpb": self.unigram,
+            "parameters": self.model.num_parameters(),
+        })
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, stop_at, progress: bool, log, sp) -> TrainResult:
@@ -224,10 +233,6 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, stop_at, progress: bool,
             plain = LanguageModel(cfg.model)
             plain.load_state_dict(model.state_dict())
             model = plain.eval()
-        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", unigram)
-        write_json_atomic(run_dir / "summary.json", {
-            "step": step, "val": run.val, "unigram_bpb": unigram, "parameters": model.num_parameters(),
-        })
         if cfg.sample.max_new_tokens:
             sample = generate_text(model, tokenizer, cfg.sample.prompt, cfg.sample.max_new_tokens,
                                    temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
