@@ -85,9 +85,15 @@ def test_generate_eval_info(tmp_path, tiny_corpus, capsys):
     result = json.loads(capsys.readouterr().out)
     assert len(result["by_position"]) == 32 and (tmp_path / "p.png").is_file()
     assert sum(result["by_position"]) / 32 == pytest.approx(result["loss"], rel=1e-6)
-    assert main(["info", str(run)]) == 0
+    assert main(["info", str(run), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["latest_checkpoint"] == "step_000008" and info["summary"]["step"] == 8
+    assert main(["info", str(run)]) == 0
+    text = capsys.readouterr().out
+    best = min((r["val_bpb"], r["step"]) for r in _metrics(run) if "val_bpb" in r)
+    assert "architecture: 2 attention layers of d_model 32" in text and "mamba" not in text
+    assert f"trained: 8 of 8 steps; best validation {best[0]:.3f} bits/byte at step {best[1]}" in text
+    assert "tokenizer: byte, 264 tokens" in text and "(latest step_000008)" in text
 
 
 def test_console_script_runs_as_module(tmp_path):

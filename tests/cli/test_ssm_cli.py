@@ -49,7 +49,7 @@ def test_import_hf_makes_a_run(tmp_path, capsys):
     capsys.readouterr()
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["layers"] == ["mamba", "mamba"]
-    assert main(["info", str(tmp_path / "run")]) == 0
+    assert main(["info", str(tmp_path / "run"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["latest_checkpoint"] == "step_000000"
     assert main(["generate", str(tmp_path / "run")]) == 2
     assert "has no tokenizer" in capsys.readouterr().err

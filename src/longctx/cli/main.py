@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from longctx.cache import DEFAULT_SINKS, DEFAULT_WINDOW
+from longctx.cli.info import info
 from longctx.cli.tasks import add_task_commands
 from longctx.data import DataError
 from longctx.model import ConfigError
@@ -224,26 +225,6 @@ def _stream_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
-    from longctx.train.checkpoint import list_checkpoints
-    from longctx.train.runs import load_run
-
-    cfg, model, tokenizer, path = load_run(args.run)
-    summary_path = Path(args.run) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    info = {
-        "run": str(args.run),
-        "parameters": model.num_parameters(),
-        "tokenizer": tokenizer.kind if tokenizer else None,
-        "latest_checkpoint": path.name,
-        "checkpoints": [p.name for p in list_checkpoints(args.run)],
-        "summary": summary,
-        "config": cfg.to_dict(),
-    }
-    print(json.dumps(info, indent=2))
-    return 0
-
-
 def _import(args: argparse.Namespace) -> int:
     from longctx.train.runs import import_run
 
@@ -346,9 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_stream_eval)
 
-    p = sub.add_parser("info", help="describe a run: config, parameters, checkpoints, results")
-    p.add_argument("run", help="run directory")
-    p.set_defaults(func=_info)
+    p = sub.add_parser("info", help="describe a run: architecture, parameters, training, checkpoints")
+    p.add_argument("run", help="run directory, Hugging Face checkpoint directory, GGUF file or installed model name")
+    p.add_argument("--json", action="store_true", help="everything as JSON, the full config included")
+    p.set_defaults(func=info)
     add_task_commands(sub)
     return parser
 
