@@ -25,7 +25,8 @@ def save_figure(fig, path) -> Path:
     """Lay out ``fig``, write it as a PNG at 100 dpi, close it and return ``path``."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # legends placed beside the axes stay in the image
     plt.close(fig)
     return Path(path)

@@ -153,7 +153,7 @@ def plot_task_training(metrics_path, out_path, *, chance: float | None = None) -
     plt = pyplot()
     if plt is None:
         return None
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
     train = [(r["step"], r["loss"], r["accuracy"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_accuracy"]) for r in records if "val_accuracy" in r]
     if train:
@@ -173,7 +173,7 @@ def plot_task_training(metrics_path, out_path, *, chance: float | None = None) -
     ax_loss.set(xlabel="step", ylabel="loss on asked positions (nats)", title="training loss")
     ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy" if further else "accuracy at the training length",
                ylim=(-0.02, 1.02))
-    ax_acc.legend()
+    ax_acc.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside the data, not on it
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     return save_figure(fig, out_path)

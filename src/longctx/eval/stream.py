@@ -478,8 +478,12 @@ def plot_stream(results: dict[str, StreamResult], path, *, timing: bool = True, 
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1 + 2.6 * len(panels)), sharex=True, squeeze=False)
     axes = {key: ax for (key, _, _), ax in zip(panels, axes[:, 0])}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # Policies often coincide (window, sinks and recompute until the first eviction; their
+    # cache sizes): a line style and a marker each keeps every one visible.
+    styles = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v")]
     for i, (name, r) in enumerate(results.items()):
         color = colors[i % len(colors)]
+        linestyle, marker = styles[i % len(styles)]
         ends = [s.end for s in r.segments]
         series = {
             "ppl": [s.ppl for s in r.segments],
@@ -489,7 +493,8 @@ def plot_stream(results: dict[str, StreamResult], path, *, timing: bool = True, 
         }
         label = name if r.span is None else f"{name} (L={r.span})"
         for key, ax in axes.items():
-            ax.plot(ends, series[key], color=color, label=label, marker="." if len(ends) < 40 else None)
+            ax.plot(ends, series[key], color=color, label=label, linestyle=linestyle, marker=marker,
+                    markevery=max(1, len(ends) // 12), markersize=4, markerfacecolor="none")
             if r.stopped_at is not None:
                 ax.axvline(r.stopped_at, color=color, linestyle=":", alpha=0.6)
     for (key, ylabel, log), ax in zip(panels, axes.values()):
@@ -501,6 +506,10 @@ def plot_stream(results: dict[str, StreamResult], path, *, timing: bool = True, 
             lo, hi = ax.get_ylim()
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(plain if 0 < lo and hi < 10 * lo else NullFormatter())
+        else:
+            # Absolute MiB from 0, never an offset axis (+8.87e2) that turns a 0.07 MiB change into a jump.
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+            ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3, which="both")
     axes["ppl"].set_title(title or "streaming perplexity")
     axes["ppl"].legend()
