@@ -17,7 +17,7 @@ ALLOWED = {
     "data": set(),
     "generation": {"ops", "cache", "layers", "model", "data"},
     "eval": {"ops", "cache", "layers", "model", "data", "generation"},
-    "train": {"ops", "cache", "layers", "model", "data", "generation", "eval", "distributed"},
+    "train": {"ops", "cache", "layers", "model", "data", "generation", "eval", "distributed", "configs"},
     "distributed": {"ops", "cache", "layers", "model"},
     "configs": set(),
 }

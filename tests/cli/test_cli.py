@@ -253,3 +253,12 @@ def test_bad_generation_options_are_refused_before_any_output(tmp_path, capsys, 
     assert main(["generate", str(tmp_path / "run"), "--prompt", "def ", *option]) == 2
     out, err = capsys.readouterr()
     assert out == "" and re.search(match, err)
+
+
+def test_help_and_argument_errors_load_no_heavy_module():
+    """--help and argument errors answer at once: building the parser (for any command but
+    the task ones) imports neither torch nor numba, transformers or matplotlib."""
+    code = ("import sys; from longctx.cli.main import build_parser; build_parser(['generate']); "
+            "print(sorted(m for m in ('torch', 'numba', 'transformers', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,11 +1,19 @@
 """Per-layer state objects (KV caches, recurrent states) behind one interface
-(``LayerState``), the model-level state, and the attention cache policies."""
+(``LayerState``), the model-level state, and the attention cache policies.
 
-from longctx.cache.base import CACHE_POLICIES, DEFAULT_SINKS, DEFAULT_WINDOW, LayerState, check_policy
-from longctx.cache.kv import KVCache
-from longctx.cache.model_state import ModelState
-from longctx.cache.sink import SinkKVCache
-from longctx.cache.ssm import SSMState
+The names load on first use (PEP 562), so ``longctx.cache.policy`` can be read without torch.
+"""
 
-__all__ = ["CACHE_POLICIES", "DEFAULT_SINKS", "DEFAULT_WINDOW", "KVCache", "LayerState", "ModelState", "SSMState",
-           "SinkKVCache", "check_policy"]
+import importlib
+
+_EXPORTS = {
+    "CACHE_POLICIES": "policy", "DEFAULT_SINKS": "policy", "DEFAULT_WINDOW": "policy", "check_policy": "policy",
+    "LayerState": "base", "KVCache": "kv", "ModelState": "model_state", "SinkKVCache": "sink", "SSMState": "ssm",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -1,4 +1,4 @@
-"""What every per-layer state provides, and the cache policies of attention layers.
+"""What every per-layer state provides.
 
 A layer's state (``KVCache``, ``SinkKVCache``, ``SSMState``) is what the layer needs from
 the tokens it has seen to process the next ones.  ``ModelState`` holds one per block and
@@ -11,12 +11,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 import torch
-
-# KV cache policies of attention layers (``Attention.init_state(cache=...)``):
-# every token; the last ``window``; the first ``sinks`` and the last ``window`` (StreamingLLM).
-CACHE_POLICIES = ("dense", "window", "sinks")
-# StreamingLLM's cache: 4 attention sinks and a window of 1020 recent tokens.
-DEFAULT_SINKS, DEFAULT_WINDOW = 4, 1020
 
 
 class LayerState(ABC):
@@ -66,9 +60,3 @@ def storage_nbytes(tensors: Iterable[torch.Tensor]) -> int:
             seen.add(key)
             total += storage.nbytes()
     return total
-
-
-def check_policy(cache: str) -> str:
-    if cache not in CACHE_POLICIES:
-        raise ValueError(f"unknown cache policy {cache!r}; choose one of {', '.join(CACHE_POLICIES)}")
-    return cache

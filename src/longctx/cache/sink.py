@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from longctx.cache.base import DEFAULT_SINKS, DEFAULT_WINDOW, LayerState
+from longctx.cache.base import LayerState
+from longctx.cache.policy import DEFAULT_SINKS, DEFAULT_WINDOW
 
 # What state_dict's keys mean, recorded in its "format" entry: 2 = as the layer gave them
 # (RoPE: rotated at their stream positions), the sinks as first cached.  A state without the

@@ -8,25 +8,28 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from longctx.cache import DEFAULT_SINKS, DEFAULT_WINDOW
+from longctx.cache.policy import DEFAULT_SINKS, DEFAULT_WINDOW
 from longctx.cli.info import info
 from longctx.cli.tasks import add_task_commands
-from longctx.data import DataError
-from longctx.model import ConfigError
-from longctx.train.checkpoint import CheckpointError
+from longctx.configs import preset_names
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError, FloatingPointError)
+# Mistakes a user can fix, reported in one line (exit code 2): ConfigError, DataError,
+# CheckpointError and the ops' errors are ValueErrors; a missing file or installed model is
+# a FileNotFoundError; a diverging run a FloatingPointError.  Modules load only when a
+# command needs them, so that --help and argument errors answer at once.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
 def _need_tokenizer(tokenizer, run) -> None:
+    from longctx.data import DataError
+
     if tokenizer is None:
         raise DataError(f"{run} has no tokenizer (an imported checkpoint without tokenizer.json); "
                         "text in and out needs one")
 
 
 def _train(args: argparse.Namespace) -> int:
+    from longctx.model import ConfigError
     from longctx.train import load_run_config, train
     from longctx.train.checkpoint import read_run_config
 
@@ -200,6 +203,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _stream_eval(args: argparse.Namespace) -> int:
     """Token-by-token NLL over one long stream under each cache policy: a table of
     perplexity, ms/token and memory per segment, and with ``--out`` a chart and JSON."""
+    import torch
+
     from longctx.data import encode_corpus
     from longctx.eval import plot_stream, stream_compare, stream_table
     from longctx.train.runs import load_run
@@ -233,9 +238,9 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from longctx.train.config import preset_names
-
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``longctx`` parser; ``argv`` (the arguments it will parse) says whether the
+    synthetic-task commands' option lists are needed (they load the task definitions)."""
     parser = argparse.ArgumentParser(prog="longctx", description="Train, run and measure long-context models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -331,13 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory, Hugging Face checkpoint directory, GGUF file or installed model name")
     p.add_argument("--json", action="store_true", help="everything as JSON, the full config included")
     p.set_defaults(func=info)
-    add_task_commands(sub)
+    add_task_commands(sub, detailed=any(a in ("task", "compare") for a in (argv or [])[:1]))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
+        import torch
+
         with torch.inference_mode(not getattr(args, "trains", False)):
             return args.func(args)
     except USER_ERRORS as e:

@@ -123,13 +123,24 @@ def _eval_arguments(p: argparse.ArgumentParser, examples: int) -> None:
                                         "memory, at most 8G); longer lengths are reported 'out of memory'")
 
 
-def add_task_commands(sub) -> None:
-    """Register ``task`` (``train``, ``eval``) and ``compare`` on the main parser's subparsers."""
+_TASK_HELP = "synthetic long-context tasks: train a small model, evaluate by length"
+_COMPARE_HELP = "train and evaluate several architectures on a task; write a report"
+
+
+def add_task_commands(sub, detailed: bool = True) -> None:
+    """Register ``task`` (``train``, ``eval``) and ``compare`` on the main parser's subparsers.
+    Their option lists name the tasks and architectures, which loads the task definitions
+    (torch): ``detailed=False`` registers the commands with their one-line help only, for
+    invocations of other commands."""
+    if not detailed:
+        sub.add_parser("task", help=_TASK_HELP)
+        sub.add_parser("compare", help=_COMPARE_HELP)
+        return
     from longctx.train.tasks import ARCHS, COMPARED_ARCHS, TASK_NAMES
 
     tasks, archs = ", ".join(TASK_NAMES), ", ".join(ARCHS)
 
-    task = sub.add_parser("task", help="synthetic long-context tasks: train a small model, evaluate by length")
+    task = sub.add_parser("task", help=_TASK_HELP)
     task_sub = task.add_subparsers(dest="task_command", required=True)
 
     p = task_sub.add_parser("train", help="train a small model of one architecture on a synthetic task")
@@ -162,7 +173,7 @@ def add_task_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help='print one JSON object {"task": ..., "accuracy": {...}}')
     p.set_defaults(func=_task_eval)
 
-    p = sub.add_parser("compare", help="train and evaluate several architectures on a task; write a report")
+    p = sub.add_parser("compare", help=_COMPARE_HELP)
     p.add_argument("--task", required=True, help=f"one of {tasks}")
     p.add_argument("--archs", "--presets", dest="archs", default=",".join(COMPARED_ARCHS),
                    help=f"comma-separated from {archs} (s4d: time-invariant mamba); NAME:key=value adds "

@@ -19,6 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from longctx.configs import preset_names
 from longctx.distributed.layout import LAYOUTS
 from longctx.model.config import ConfigError, ModelConfig
 from longctx.validation import check, check_fields, positive_int
@@ -130,10 +131,6 @@ class RunConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
-
-
-def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".toml")] for p in resources.files("longctx.configs").iterdir() if p.name.endswith(".toml"))
 
 
 def _read_toml(text: str, where: str) -> dict[str, Any]:
