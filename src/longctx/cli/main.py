@@ -80,7 +80,7 @@ def _session(args: argparse.Namespace):
     from longctx.train.runs import load_run
 
     _check_session_args(args)
-    _, model, tokenizer, _ = load_run(args.run, args.checkpoint)
+    _, model, tokenizer, _ = load_run(args.run, args.checkpoint, args.weights)
     _need_tokenizer(tokenizer, args.run)
     cache = {"cache": args.cache, "sinks": args.sinks, "window": args.window}
     state = model.load_state(args.load_state, **cache) if args.load_state else model.init_state(1, **cache)
@@ -167,7 +167,7 @@ def _eval(args: argparse.Namespace) -> int:
     from longctx.eval.perplexity import plot_loss_by_position, position_bins
     from longctx.train.runs import load_run
 
-    cfg, model, tokenizer, path = load_run(args.run, args.checkpoint)
+    cfg, model, tokenizer, path = load_run(args.run, args.checkpoint, args.weights)
     _need_tokenizer(tokenizer, args.run)
     tokens, _ = encode_corpus(args.data, tokenizer)
     if args.max_tokens:
@@ -209,7 +209,7 @@ def _stream_eval(args: argparse.Namespace) -> int:
     from longctx.eval import plot_stream, stream_compare, stream_table
     from longctx.train.runs import load_run
 
-    _, model, tokenizer, _ = load_run(args.run, args.checkpoint)
+    _, model, tokenizer, _ = load_run(args.run, args.checkpoint, args.weights)
     _need_tokenizer(tokenizer, args.run)
     tokens, _ = encode_corpus(args.data, tokenizer)
     ids = torch.as_tensor(tokens[: args.tokens], dtype=torch.long)
@@ -236,6 +236,12 @@ def _import(args: argparse.Namespace) -> int:
     run = import_run(args.source, args.out)
     print(f"imported {args.source} into {run}; try: longctx info {run}")
     return 0
+
+
+def weights_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
+                   help="linear layers' weights: fp32, or kept packed as int8 (per output channel) or int4 "
+                        "(groups of 32 inputs) for faster decoding in less memory (default fp32)")
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -266,6 +272,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=None)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+        weights_option(p)
         p.add_argument("--cache", choices=("dense", "sinks", "window"), default="dense",
                        help="attention KV cache: every token (dense), the first --sinks plus the last --window "
                             "(sinks: StreamingLLM, constant memory however long), or the last --window only")
@@ -300,6 +307,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+    weights_option(p)
     p.add_argument("--by-position", action="store_true",
                    help="also the loss at each position of the context (does more context help?), with a plot")
     p.add_argument("--plot", help="--by-position: where to write the plot (default RUN/loss_by_position.png)")
@@ -327,6 +335,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--segment", type=int, default=256, help="tokens per reported segment")
     p.add_argument("--max-len", type=int, default=None, help="dense: stop after this many tokens")
     p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+    weights_option(p)
     p.add_argument("--out", help="directory for stream.png (perplexity against position), stream.md, stream.json")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -72,6 +72,8 @@ class Mamba(nn.Module):
         if self.selective:
             self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
             self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+            # The fused decode step reads these weights itself: quantize_model leaves them fp32.
+            self.x_proj.weight_read_directly = self.dt_proj.weight_read_directly = True
         else:
             self.dt_bias = nn.Parameter(torch.empty(self.d_inner))
             self.B = nn.Parameter(torch.empty(self.d_state))

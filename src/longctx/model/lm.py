@@ -14,6 +14,7 @@ from longctx.cache.model_state import ModelState
 from longctx.cache.sink import SinkKVCache
 from longctx.layers import Block, RMSNorm, mixer_names
 from longctx.layers.attention import Attention
+from longctx.layers.quantized import QuantizedLinear
 from longctx.model.config import ConfigError, ModelConfig
 from longctx.ops.dilated import attended_pairs
 
@@ -149,7 +150,12 @@ class LanguageModel(nn.Module):
         return torch.arange(start, start + time, device=device)
 
     def num_parameters(self, embeddings: bool = True) -> int:
+        """Trainable parameters, plus the weights quantized layers hold packed (a tied LM head
+        quantized apart from the embedding is still the embedding's weight)."""
         n = sum(p.numel() for p in self.parameters())
+        for name, m in self.named_modules():
+            if isinstance(m, QuantizedLinear) and not (name == "lm_head" and self.config.tie_embeddings):
+                n += m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
         if not embeddings:
             n -= self.embed.weight.numel()
             if self.pos_embed is not None:
@@ -167,7 +173,7 @@ class LanguageModel(nn.Module):
         c = self.config
         matmul_params = self.num_parameters(embeddings=False)
         if c.tie_embeddings:  # the LM head is a matmul even when it shares the embedding
-            matmul_params += self.lm_head.weight.numel()
+            matmul_params += self.lm_head.in_features * self.lm_head.out_features
         window = min(c.attn_window or seq_len, seq_len)
         # sum over t < seq_len of min(t + 1, window)
         dense_pairs = c.n_heads * (window * (window + 1) // 2 + (seq_len - window) * window)

@@ -11,6 +11,7 @@ from pathlib import Path
 from longctx.data import DataError, HFTokenizer, load_tokenizer, save_tokenizer
 from longctx.model import LanguageModel
 from longctx.model.config import ConfigError
+from longctx.layers.quantized import quantize_model
 from longctx.model.installed import installed_model_path, is_model_name
 from longctx.train.checkpoint import (
     CheckpointError,
@@ -64,14 +65,20 @@ def load_gguf(path: str | Path):
     return RunConfig(model=model.config), model, tokenizer, Path(path)
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, weights: str = "fp32"):
     """The model of ``run_dir``: ``(RunConfig, LanguageModel in eval mode, tokenizer or None, path)``.
 
     ``run_dir`` is a run directory (``checkpoint`` picks one under ``RUN/checkpoints``, a
     ``step_*`` name or a path; default the latest), a Hugging Face checkpoint directory, a
     GGUF file, or the name of an installed model (``longctx.model.installed``, e.g.
-    ``smollm2-135m``).
+    ``smollm2-135m``).  ``weights`` ``int8`` or ``int4`` keeps the linear layers' weights
+    packed (``longctx.layers.quantized``) for faster, smaller inference.
     """
+    cfg, model, tokenizer, path = _load(run_dir, checkpoint)
+    return cfg, quantize_model(model, weights), tokenizer, path
+
+
+def _load(run_dir: str | Path, checkpoint: str | Path | None):
     if is_model_name(run_dir) or is_gguf_file(run_dir):
         if checkpoint is not None:
             raise CheckpointError(f"{run_dir} is a model file, not a run: it has no --checkpoint choice")
