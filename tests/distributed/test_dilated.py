@@ -31,27 +31,32 @@ def _run(q, k, v, d_out, d_lse, fn, **kw):
     return [x.detach() for x in (out, lse, q.grad, k.grad, v.grad)]
 
 
-def _rank(rank, world, cases):
+def _kwargs(heads, segs, rates, causal, alibi):
+    return dict(segment_lengths=segs, dilation_rates=rates, causal=causal,
+                alibi_slopes=alibi_slopes(heads) if alibi else None)
+
+
+def run_cases(rank, world, cases):
+    """This rank's out, lse and gradients for each case."""
     results = []
     for total, heads, kv_heads, segs, rates, causal, alibi in cases:
-        full = _inputs(total, heads, kv_heads)
-        local = [shard_sequence(x) for x in full]
-        kw = dict(segment_lengths=segs, dilation_rates=rates, causal=causal,
-                  alibi_slopes=alibi_slopes(heads) if alibi else None)
-        results.append(_run(*local, distributed_dilated_attention, **kw))
+        local = [shard_sequence(x) for x in _inputs(total, heads, kv_heads)]
+        results.append(_run(*local, distributed_dilated_attention, **_kwargs(heads, segs, rates, causal, alibi)))
     return results
+
+
+def check_cases(per_rank, cases):
+    """Every rank's ``run_cases`` results, put back in sequence order, against single-process dilated attention."""
+    for c, (total, heads, kv_heads, segs, rates, causal, alibi) in enumerate(cases):
+        ref = _run(*_inputs(total, heads, kv_heads), dilated_attention, **_kwargs(heads, segs, rates, causal, alibi))
+        for name, i in zip(("out", "lse", "dq", "dk", "dv"), range(5)):
+            got = torch.cat([results[c][i] for results in per_rank], dim=1)
+            torch.testing.assert_close(got, ref[i], rtol=1e-5, atol=1e-5, msg=lambda m: f"case {c} {name}: {m}")
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_matches_single_process(world):
-    per_rank = run_ranks(_rank, world, CASES)
-    for c, (total, heads, kv_heads, segs, rates, causal, alibi) in enumerate(CASES):
-        kw = dict(segment_lengths=segs, dilation_rates=rates, causal=causal,
-                  alibi_slopes=alibi_slopes(heads) if alibi else None)
-        ref = _run(*_inputs(total, heads, kv_heads), dilated_attention, **kw)
-        for name, i in zip(("out", "lse", "dq", "dk", "dv"), range(5)):
-            got = torch.cat([per_rank[r][c][i] for r in range(world)], dim=1)
-            torch.testing.assert_close(got, ref[i], rtol=1e-5, atol=1e-5, msg=lambda m: f"case {c} {name}: {m}")
+    check_cases(run_ranks(run_cases, world, CASES), CASES)
 
 
 def _bad(rank, world):

@@ -56,7 +56,7 @@ def _results(fn, q, k, v, d_out, d_lse, **kw):
     return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
 
 
-def _run_cases(rank, world, cases):
+def run_cases(rank, world, cases):
     """Every case on this rank; results gathered into full sequences."""
     groups = {None: None}
     for size in sorted({case[0] for case in cases} - {None}):
@@ -74,16 +74,20 @@ def _run_cases(rank, world, cases):
 @functools.cache
 def _ring_results(world):
     """Rank 0's results of every case for ``world`` ranks (one spawn per world size)."""
-    return run_ranks(_run_cases, world, CASES[world])[0]
+    return run_ranks(run_cases, world, CASES[world])[0]
+
+
+def check_case(ring, case):
+    """``ring``: one case's results from ``run_cases`` (full sequences) against single-process attention."""
+    _, causal, _, total, heads, kv_heads = case
+    ref = _results(attention, *_inputs(total, heads, kv_heads), causal=causal)
+    for name, a, b in zip(NAMES, ring, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{case} {name}: {m}")
 
 
 @pytest.mark.parametrize("world,case", [(w, c) for w, cases in CASES.items() for c in cases])
 def test_matches_single_process_attention(world, case):
-    _, causal, _, total, heads, kv_heads = case
-    ring = _ring_results(world)[case]
-    ref = _results(attention, *_inputs(total, heads, kv_heads), causal=causal)
-    for name, a, b in zip(NAMES, ring, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    check_case(_ring_results(world)[case], case)
 
 
 def test_zigzag_plan_is_one_call_per_step_and_balanced():

@@ -139,7 +139,7 @@ def _run_local(rank, world, layout, T, group, names):
 ALL = ("scan", "scan_plain", "ssd", "ssd_limit", "conv", "prev_wide")
 
 
-def _ranks(rank, world, T):
+def run_cases(rank, world, T):
     out = {layout: _run_local(rank, world, layout, T, None, ALL) for layout in LAYOUTS}
     if world == 4:  # two independent pairs: group is honoured (ranks and chunks within the group)
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -154,7 +154,7 @@ def _close(a, b, what, rtol=1e-5):
                                msg=lambda m: f"{what}: {m}")
 
 
-def _check(local_results, world, layout, T, names):
+def check(local_results, world, layout, T, names):
     n_chunks = world if layout == "contiguous" else 2 * world
     cases = _cases(T, n_chunks)
     for name in names:
@@ -179,12 +179,12 @@ def _check(local_results, world, layout, T, names):
 @pytest.mark.parametrize("world,T", [(1, 40), (2, 48), (4, 80)])
 def test_sequence_parallel_equals_full_sequence(world, T):
     """Both layouts in one spawn (spawning costs more than the cases)."""
-    results = run_ranks(_ranks, world, T)
+    results = run_ranks(run_cases, world, T)
     for layout in LAYOUTS:
-        _check([res[layout] for res in results], world, layout, T, ALL)
+        check([res[layout] for res in results], world, layout, T, ALL)
     if world == 4:
         for pair in (results[:2], results[2:]):
-            _check([res["pair"] for res in pair], 2, "zigzag", T // 2, ("scan", "ssd"))
+            check([res["pair"] for res in pair], 2, "zigzag", T // 2, ("scan", "ssd"))
 
 
 def test_local_chunks():

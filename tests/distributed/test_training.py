@@ -19,7 +19,7 @@ SETTINGS = ["model.layers=['mamba','attention','mamba2']", "model.d_model=32", "
             "train.warmup_steps=1"]  # full lr from step 2: a lost optimizer state shows in the losses
 
 
-def _args(run, corpus, *extra):
+def train_args(run, corpus, *extra):
     return ["train", "--data", str(corpus), "--out", str(run), "--quiet",
             *[arg for s in SETTINGS for arg in ("--set", s)], *extra]
 
@@ -27,7 +27,7 @@ def _args(run, corpus, *extra):
 def _torchrun(run, corpus, *extra):
     """``longctx train`` in 2 processes, each sequence split over them."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "longctx",
-           *_args(run, corpus, *extra), "--sequence-parallel", "2"]
+           *train_args(run, corpus, *extra), "--sequence-parallel", "2"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -35,7 +35,7 @@ def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _losses(run):
+def run_losses(run):
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in _records(run)]
 
 
@@ -43,8 +43,8 @@ def test_two_processes_follow_one_process_and_checkpoints_interchange(tmp_path, 
     """One run passed from 1 process to 2 (step 1's checkpoint) and back to 1 (step 3's)
     follows the uninterrupted single-process course; each resume starts at its checkpoint."""
     one, mixed = tmp_path / "one", tmp_path / "mixed"
-    assert main(_args(one, tiny_corpus)) == 0
-    assert main(_args(mixed, tiny_corpus, "--stop-at", "1")) == 0
+    assert main(train_args(one, tiny_corpus)) == 0
+    assert main(train_args(mixed, tiny_corpus, "--stop-at", "1")) == 0
     before = _records(mixed)
     result = _torchrun(mixed, tiny_corpus, "--resume", "--stop-at", "3")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -52,9 +52,9 @@ def test_two_processes_follow_one_process_and_checkpoints_interchange(tmp_path, 
     # Step 1 was not run again: its record, wall-clock tokens_per_s included, is the first process's.
     assert _records(mixed)[: len(before)] == before
     before = _records(mixed)
-    assert main(_args(mixed, tiny_corpus, "--resume", "--set", "train.sequence_parallel=1")) == 0
+    assert main(train_args(mixed, tiny_corpus, "--resume", "--set", "train.sequence_parallel=1")) == 0
     assert _records(mixed)[: len(before)] == before  # likewise steps 1-3
-    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(one), _losses(mixed), strict=True):
+    for (s1, l1, v1), (s2, l2, v2) in zip(run_losses(one), run_losses(mixed), strict=True):
         assert s1 == s2
         for a, b in ((l1, l2), (v1, v2)):
             assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-4))
