@@ -170,6 +170,22 @@ def test_recompute_matches_its_definition(layers, pos, batch):
     assert result.span == span and all(s.cache_bytes == 0 for s in result.segments)
 
 
+@pytest.mark.parametrize("every,batch", [(3, None), (4, 2)])
+def test_recompute_every_kth_prediction(every, batch):
+    """recompute_every=k gives the full recompute's value at every k-th prediction from
+    L - 1 on (and at every prefix prediction), NaN elsewhere; the means skip the NaN."""
+    model = _model()
+    ids = _ids(41)
+    full = stream_nll(model, ids, cache="recompute", sinks=2, window=5, segment=9).nll
+    some = stream_nll(model, ids, cache="recompute", sinks=2, window=5, segment=9, recompute_batch=batch,
+                      recompute_every=every)
+    evaluated = [t for t in range(40) if t < 6 or t % every == 0]
+    assert np.isfinite(some.nll).nonzero()[0].tolist() == evaluated and some.tokens == len(evaluated)
+    np.testing.assert_allclose(some.nll[evaluated], full[evaluated], atol=ATOL, rtol=1e-5)
+    assert some.mean_nll == pytest.approx(float(full[evaluated].astype(np.float64).mean()), rel=1e-6)
+    assert some.notes == [f"recompute evaluated one prediction in {every} after the first 6"]
+
+
 def test_segment_statistics_add_up():
     model = _model()
     ids = _ids(50)

@@ -215,7 +215,7 @@ def _stream_eval(args: argparse.Namespace) -> int:
     ids = torch.as_tensor(tokens[: args.tokens], dtype=torch.long)
     policies = [p.strip() for p in args.cache.split(",") if p.strip()]
     results = stream_compare(model, ids, policies, sinks=args.sinks, window=args.window, segment=args.segment,
-                             max_len=args.max_len, progress=not args.quiet)
+                             max_len=args.max_len, recompute_every=args.recompute_every, progress=not args.quiet)
     if args.json:
         print(json.dumps({name: r.to_dict() for name, r in results.items()}))
     else:
@@ -334,6 +334,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=None, help="stream only the first N tokens")
     p.add_argument("--segment", type=int, default=256, help="tokens per reported segment")
     p.add_argument("--max-len", type=int, default=None, help="dense: stop after this many tokens")
+    p.add_argument("--recompute-every", type=int, default=1, metavar="K",
+                   help="recompute: evaluate every K-th prediction only (each re-encodes sinks + window tokens)")
     p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
     weights_option(p)
     p.add_argument("--out", help="directory for stream.png (perplexity against position), stream.md, stream.json")

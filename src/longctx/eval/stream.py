@@ -88,8 +88,9 @@ class StreamResult:
 
     ``nll`` float32 ``(n,)``: ``nll[i] = -log p(ids[i + 1] | context)``; ``n = N - 1`` for a
     stream of ``N`` tokens unless the policy stopped at its position limit (``stopped_at``,
-    the number of tokens fed, with ``on_limit="stop"``).  ``span``: the most tokens a step
-    attends to (None: all of them).
+    the number of tokens fed, with ``on_limit="stop"``); NaN where a policy evaluated only
+    every k-th prediction (``recompute_every``), and means are over the evaluated ones.
+    ``span``: the most tokens a step attends to (None: all of them).
     """
 
     policy: str
@@ -105,12 +106,12 @@ class StreamResult:
 
     @property
     def tokens(self) -> int:
-        """Predictions made (``len(nll)``)."""
-        return len(self.nll)
+        """Predictions made (the evaluated entries of ``nll``)."""
+        return int(np.isfinite(self.nll).sum())
 
     @property
     def mean_nll(self) -> float:
-        return float(self.nll.astype(np.float64).mean()) if len(self.nll) else float("nan")
+        return float(np.nanmean(self.nll.astype(np.float64))) if self.tokens else float("nan")
 
     @property
     def ppl(self) -> float:
@@ -193,6 +194,7 @@ def stream_nll(
     max_len: int | None = None,
     on_limit: str = "error",
     recompute_batch: int | None = None,
+    recompute_every: int = 1,
     progress: bool = False,
 ) -> StreamResult:
     """Token-by-token nll of the stream ``ids`` (``(time,)`` or ``(1, time)``) under the policy
@@ -211,7 +213,9 @@ def stream_nll(
     ``recompute`` runs ``recompute_batch`` consecutive windows per forward call (default:
     as many as fit ~256 MiB of logits and activations, at most 64, never across a segment
     boundary); the predictions of the first ``L - 1`` tokens, whose windows are prefixes of
-    the stream, come from causal forwards over those prefixes.  Deterministic; the model
+    the stream, come from causal forwards over those prefixes.  ``recompute_every=k``
+    evaluates only every k-th prediction after those (each costs a forward over ``L``
+    tokens; the rest are NaN and left out of the means).  Deterministic; the model
     runs in eval mode under ``torch.inference_mode`` and its training mode is restored.
     ``progress`` shows a tqdm bar.
     """
@@ -220,6 +224,7 @@ def stream_nll(
     positive_int("segment", segment)
     positive_int("max_len", max_len, allow_none=True)
     positive_int("recompute_batch", recompute_batch, allow_none=True)
+    positive_int("recompute_every", recompute_every)
     if on_limit not in ON_LIMIT:
         raise ValueError(f"on_limit must be one of {', '.join(ON_LIMIT)}; got {on_limit!r}")
     _check_policy(model, cache, sinks, window, max_len)
@@ -233,7 +238,8 @@ def stream_nll(
     try:
         with torch.inference_mode():
             if cache == "recompute":
-                return _stream_recompute(model, ids, sinks, window, segment, recompute_batch, progress)
+                return _stream_recompute(model, ids, sinks, window, segment, recompute_batch, recompute_every,
+                                         progress)
             return _stream_stateful(model, ids, cache, sinks, window, segment, max_len, on_limit, progress)
     finally:
         model.train(was_training)
@@ -260,7 +266,7 @@ def _check_policy(model, cache: str, sinks, window, max_len) -> None:
         warnings.warn(f"max_len={max_len} caps the dense cache only; it is ignored with cache={cache!r}", stacklevel=3)
 
 
-def _stream_recompute(model, ids, sinks: int, window: int, segment: int, batch: int | None,
+def _stream_recompute(model, ids, sinks: int, window: int, segment: int, batch: int | None, every: int,
                       progress: bool) -> StreamResult:
     SinkKVCache(1, sinks, window)  # the sink cache's validation of both numbers
     span = sinks + window
@@ -270,7 +276,9 @@ def _stream_recompute(model, ids, sinks: int, window: int, segment: int, batch: 
                          f"model's limit of {limit} positions (model.max_seq_len); use a smaller window "
                          "or fewer sinks")
     result = StreamResult("recompute", np.empty(0, np.float32), [], ids.shape[1], sinks, window, span)
-    _run_recompute(model, ids, ids.shape[1] - 1, segment, batch, result, progress)
+    if every > 1:
+        result.notes.append(f"recompute evaluated one prediction in {every} after the first {span - 1}")
+    _run_recompute(model, ids, ids.shape[1] - 1, segment, batch, every, result, progress)
     return result
 
 
@@ -310,9 +318,10 @@ def _stream_stateful(model, ids, cache: str, sinks: int, window: int, segment: i
 def _segment(result: StreamResult, nll: torch.Tensor, start: int, end: int, t0: float, state) -> None:
     """Close the segment ``nll[start:end]`` begun at ``t0``: its mean is read (which waits
     for an asynchronous device) before the clock stops."""
-    mean = float(nll[start:end].double().mean())
+    mean = float(nll[start:end].double().nanmean())
     seconds = time.perf_counter() - t0
-    result.segments.append(StreamSegment(start, end, mean, _ppl(mean), 1e3 * seconds / (end - start), rss_bytes(),
+    evaluated = int(torch.isfinite(nll[start:end]).sum())
+    result.segments.append(StreamSegment(start, end, mean, _ppl(mean), 1e3 * seconds / max(evaluated, 1), rss_bytes(),
                                          0 if state is None else state.nbytes))
     result.seconds += seconds
 
@@ -342,16 +351,17 @@ def recompute_batch_size(model, span: int) -> int:
     return max(1, min(_RECOMPUTE_MAX_BATCH, _RECOMPUTE_BUDGET // (span * per_token)))
 
 
-def _run_recompute(model, ids, n: int, segment: int, batch: int | None, result: StreamResult, progress: bool) -> None:
+def _run_recompute(model, ids, n: int, segment: int, batch: int | None, every: int, result: StreamResult,
+                   progress: bool) -> None:
     """Prediction ``t`` from a fresh forward over the window ``ids[max(0, t - L + 1) : t + 1]``.
 
     For ``t < L - 1`` the window is the prefix ``ids[: t + 1]``, and position ``t`` of one
     causal forward over ``ids[: end]`` is exactly that prediction for every ``t`` of a
     segment; from ``t = L - 1`` on, ``batch`` full windows (rows of ``unfold``) go through
-    one forward call each."""
+    one forward call each, for every ``every``-th ``t`` only (the others stay NaN)."""
     span = result.span
     batch = batch or recompute_batch_size(model, span)
-    nll = torch.empty(n, dtype=torch.float32, device=ids.device)
+    nll = torch.full((n,), float("nan"), dtype=torch.float32, device=ids.device)
     stream, targets = ids[0], ids[0, 1:]
     with tqdm(total=n, disable=not progress, unit="tok", desc="recompute", dynamic_ncols=True) as bar:
         for start in range(0, n, segment):
@@ -362,11 +372,13 @@ def _run_recompute(model, ids, n: int, segment: int, batch: int | None, result: 
                 logits = model(ids[:, :prefix_end])[0, start:prefix_end]
                 nll[start:prefix_end] = F.cross_entropy(logits.float(), targets[start:prefix_end], reduction="none")
                 bar.update(prefix_end - start)
-            for b0 in range(max(start, span - 1), end, batch):
-                b1 = min(end, b0 + batch)
-                windows = stream[b0 - span + 1 : b1].unfold(0, span, 1).contiguous()  # (b1 - b0, span)
+            first = max(start, span - 1)
+            first += -first % every  # the evaluated t are the multiples of every
+            for b0 in range(first, end, batch * every):
+                b1 = min(end, b0 + batch * every)
+                windows = stream[b0 - span + 1 : b1].unfold(0, span, every).contiguous()  # (rows, span)
                 logits = model(windows)[:, -1]
-                nll[b0:b1] = F.cross_entropy(logits.float(), targets[b0:b1], reduction="none")
+                nll[b0:b1:every] = F.cross_entropy(logits.float(), targets[b0:b1:every], reduction="none")
                 bar.update(b1 - b0)
             _segment(result, nll, start, end, t0, None)
     result.nll = nll.cpu().numpy()
@@ -383,6 +395,7 @@ def stream_compare(
     max_len: int | None = None,
     on_limit: str = "stop",
     recompute_batch: int | None = None,
+    recompute_every: int = 1,
     progress: bool = False,
 ) -> dict[str, StreamResult]:
     """``stream_nll`` under several policies at one total cache size ``L = sinks + window``:
@@ -402,7 +415,8 @@ def stream_compare(
         "state": dict(on_limit=on_limit),
         "window": dict(window=sinks + window),
         "sinks": dict(sinks=sinks, window=window),
-        "recompute": dict(sinks=sinks, window=window, recompute_batch=recompute_batch),
+        "recompute": dict(sinks=sinks, window=window, recompute_batch=recompute_batch,
+                          recompute_every=recompute_every),
     }
     results = {}
     for p in dict.fromkeys(policies):
