@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from .errors import DataError
-from .tokenizer_base import CONFIG_FILE, TOKENIZER_FILE, TokenizersBacked, byte_alphabet, import_tokenizers
+from .tokenizer_base import CONFIG_FILE, TOKENIZER_FILE, TokenizersBacked, byte_alphabet, read_tokenizer_json
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -112,14 +112,8 @@ class HFTokenizer(TokenizersBacked):
     def load(cls, directory: str | Path) -> HFTokenizer:
         """Read ``directory/tokenizer.json`` and the special tokens named in its ``tokenizer_config.json``."""
         directory = Path(directory)
-        path = directory / TOKENIZER_FILE
-        if not path.is_file():
-            raise DataError(f"{directory} has no {TOKENIZER_FILE}; put the checkpoint's tokenizer beside it")
-        tk = import_tokenizers()
-        try:
-            hf = tk.Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise DataError(f"'{path}' is not a valid tokenizer.json ({e})") from e
+        hf = read_tokenizer_json(directory / TOKENIZER_FILE,
+                                 f"{directory} has no {TOKENIZER_FILE}; put the checkpoint's tokenizer beside it")
         config = {}
         if (directory / CONFIG_FILE).is_file():
             try:

@@ -14,7 +14,15 @@ import numpy as np
 
 from .errors import DataError
 from .hf_tokenizer import HFTokenizer
-from .tokenizer_base import CONFIG_FILE, TOKENIZER_FILE, TokenizersBacked, TokenTable, byte_alphabet, import_tokenizers
+from .tokenizer_base import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    TokenizersBacked,
+    TokenTable,
+    byte_alphabet,
+    import_tokenizers,
+    read_tokenizer_json,
+)
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<pause>")
 
@@ -109,14 +117,7 @@ class BPETokenizer(TokenizersBacked):
     def load(cls, path: str | Path) -> BPETokenizer:
         """Read a `tokenizer.json` written by `save`."""
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"BPE tokenizer file '{path}' does not exist")
-        tk = import_tokenizers()
-        try:
-            hf = tk.Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise DataError(f"'{path}' is not a valid tokenizer.json ({e}); save it again") from e
-        return cls(hf)
+        return cls(read_tokenizer_json(path, f"BPE tokenizer file '{path}' does not exist"))
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` (Hugging Face format); return its path."""

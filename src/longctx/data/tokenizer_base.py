@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -114,3 +115,14 @@ class TokenizersBacked(TokenTable):
     def digest(self) -> str:
         """Identifies this exact tokenizer (for dataset fingerprints)."""
         return hashlib.sha256(self._hf.to_str().encode()).hexdigest()
+
+
+def read_tokenizer_json(path: Path, missing: str):
+    """The ``tokenizers.Tokenizer`` saved in ``path``; ``missing`` is the error when there is none."""
+    if not path.is_file():
+        raise DataError(missing)
+    tk = import_tokenizers()
+    try:
+        return tk.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise DataError(f"'{path}' is not a valid tokenizer.json ({e})") from e
