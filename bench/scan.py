@@ -243,21 +243,21 @@ def targets(rows) -> dict:
 def candidates(args) -> None:
     """The formulations considered for the CPU path, at one length: the numba kernel (ours),
     the chunked torch scan (the path for non-CPU devices), and torch.compile of its chunk."""
-    from longctx.ops import scan as scan_module
+    from longctx.ops.scan import chunked as torch_scan
 
     length = args.lengths[0] if args.lengths != DEFAULT_LENGTHS else 4096
     x = make_inputs(args, length, True)
-    compiled_chunk = torch.compile(scan_module._chunk, dynamic=False)
+    compiled_chunk = torch.compile(torch_scan.scan_chunk, dynamic=False)
 
     def chunked(compiled: bool):
         def fn(u, delta, A, B, C, D, z, delta_bias):
             if not compiled:
-                return scan_module._scan_chunked(u, delta, A, B, C, D, z, delta_bias, True)[0]
+                return torch_scan.scan_chunked(u, delta, A, B, C, D, z, delta_bias, True)[0]
             dt = torch.nn.functional.softplus(delta + delta_bias)
             h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
             ys = []
-            for t0 in range(0, length, scan_module._CHUNK):
-                s = slice(t0, t0 + scan_module._CHUNK)
+            for t0 in range(0, length, torch_scan.CHUNK):
+                s = slice(t0, t0 + torch_scan.CHUNK)
                 y, h = compiled_chunk(h, u[:, s], dt[:, s], A, B[:, s, None], C[:, s, None])
                 ys.append(y)
             return (torch.cat(ys, 1) + D * u) * torch.nn.functional.silu(z)

@@ -6,15 +6,12 @@ A = -exp(A_log), A_log = log(1..N); delta = softplus(randn - 4) (dt ~ 0.001..0.1
 larger steps.  The numba kernels compile once per machine (cached on disk), ~15-20 s.
 """
 
-import importlib
-
 import numpy
 import pytest
 import torch
 
-from longctx.ops.scan import selective_scan, selective_scan_ref, ssm_step
-
-scan_module = importlib.import_module("longctx.ops.scan")
+from longctx.ops import numba_math
+from longctx.ops.scan import autograd, chunked, kernels, selective_scan, selective_scan_ref, ssm_step
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -100,8 +97,8 @@ def test_kernel_elementwise_functions_are_accurate_to_a_few_ulp():
     """The kernel's own softplus (exp + polynomial log1p) and silu against fp64, in units in
     the last place of the fp32 result, over the range where results are normal numbers."""
     x = torch.linspace(-80.0, 80.0, 4001, dtype=torch.float32)
-    for name, fn, ref in (("softplus", scan_module._softplus, torch.nn.functional.softplus),
-                          ("silu", scan_module._silu, torch.nn.functional.silu)):
+    for name, fn, ref in (("softplus", numba_math.softplus, torch.nn.functional.softplus),
+                          ("silu", numba_math.silu, torch.nn.functional.silu)):
         got = torch.tensor([fn(v) for v in x.numpy()], dtype=torch.float64)  # numpy fp32 scalars
         want = ref(x.double())
         normal = want.abs() > torch.finfo(torch.float32).tiny
@@ -211,7 +208,7 @@ def test_pieces_equal_one_scan(split):
 def test_torch_path_for_other_devices_matches_reference():
     """Non-CPU inputs take the chunked torch scan; check it on CPU with chunks that split the sequence."""
     xs = _inputs(time=45, groups=2, seed=6)
-    fn = lambda *a, **k: scan_module._scan_chunked(*a, chunk=16, **k)  # noqa: E731
+    fn = lambda *a, **k: chunked.scan_chunked(*a, chunk=16, **k)  # noqa: E731
     fast = _run(fn, xs, True)
     ref = _run(selective_scan_ref, [x.double() for x in xs], True)
     _close(fast[0], ref[0], "y")
@@ -224,7 +221,7 @@ def test_non_cpu_device_uses_torch_path(monkeypatch):
     def no_kernel(*a, **k):
         raise AssertionError("numba kernel called for a non-CPU device")
 
-    monkeypatch.setattr(scan_module, "_numba_forward", no_kernel)
+    monkeypatch.setattr(autograd, "_numba_forward", no_kernel)
     xs = [None if x is None else x.to("meta") for x in _inputs(time=5)]
     y, h = selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True, initial_state=xs[8])
     assert y.shape == xs[0].shape and y.device.type == "meta" and h.shape == xs[8].shape
@@ -253,7 +250,7 @@ def test_training_memory_has_no_time_x_channels_x_state_tensor():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True, initial_state=xs[8])
     inputs = sum(x.numel() for x in xs if x is not None)
-    checkpoints = batch * time * channels * state // scan_module._CKPT
+    checkpoints = batch * time * channels * state // kernels.CKPT
     assert sum(saved) <= inputs + checkpoints
     assert max(saved) < batch * time * channels * state
 

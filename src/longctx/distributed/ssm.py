@@ -43,11 +43,11 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from longctx.distributed.layout import check_layout, chunk_ids, num_chunks
 from longctx.ops.scan import selective_scan
+from longctx.ops.scan.reference import discretize_delta  # the same delta' rule as selective_scan
 from longctx.ops.ssd import _NO_LIMIT, _discretize_dt, ssd  # the same dt rule as ssd
 
 __all__ = ["local_chunks", "previous_tokens", "sequence_parallel_scan", "sequence_parallel_ssd"]
@@ -195,8 +195,7 @@ def sequence_parallel_scan(
     h0s, decays = [], []
     for u_c, d_c, B_c, C_c in zip(us, deltas, Bs, Cs):
         _, h0 = selective_scan(u_c, d_c, A, B_c, C_c, None, None, delta_bias, delta_softplus)
-        dt = d_c.float() if delta_bias is None else d_c.float() + delta_bias.float()
-        dt = F.softplus(dt) if delta_softplus else dt
+        dt = discretize_delta(d_c, delta_bias, delta_softplus, torch.float32)
         decays.append(torch.exp(dt.sum(1)[..., None] * A.float()))  # (batch, channels, state)
         h0s.append(h0)
     entering = _exchange_states(h0s, decays, group, layout)

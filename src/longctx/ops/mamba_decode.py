@@ -23,13 +23,14 @@ import torch.nn.functional as F
 
 from longctx.ops.scan import ssm_step
 
-try:  # the scan module's numba math (exact fp32 exp, softplus, sigmoid)
-    import numba as _nb
+try:  # the fp32 maths shared by the numba kernels (imports numba)
     import numpy as _np
 
-    from longctx.ops.scan import _JIT, _LOG2E, _ZERO, _exp2, _fma, _jit, _silu, _softplus
+    from longctx.ops.numba_math import IEEE, LOG2E, ZERO, exp2, fma, jit, silu, softplus
+
+    _HAVE_NUMBA = True
 except ImportError:
-    _nb = None
+    _HAVE_NUMBA = False
 
 
 def mamba_decode_step_ref(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, D,
@@ -56,7 +57,7 @@ def mamba_decode_step(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_
     no gradients).  Falls back to the reference where the kernel cannot run (other
     devices or dtypes, gradients needed, numba missing)."""
     args = (xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, ssm_state)
-    if _nb is None or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
+    if not _HAVE_NUMBA or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
         return mamba_decode_step_ref(*args)
     weights = [_as_numpy(conv_weight, derive=lambda w: w[:, 0]), _as_numpy(A_log, derive=lambda a: -torch.exp(a))]
     weights += [_as_numpy(t) for t in (x_proj_weight, dt_proj_weight, dt_bias, D)]
@@ -97,22 +98,22 @@ def _as_numpy(t: torch.Tensor, derive=None):
     return _NUMPY[id(t)][2]
 
 
-if _nb is not None:
+if _HAVE_NUMBA:
     _NO_BIAS = _np.zeros(0, _np.float32)
     # No array slices in the inner loops: each slice is a reference-counted object whose
     # refcount calls cost more than a 16-element loop.
 
-    @_jit(fastmath={"reassoc"}, error_model="numpy")
+    @jit(fastmath={"reassoc"}, error_model="numpy")
     def _matvec(W, x, out):
         """out[j] = sum_i W[j, i] x[i] over W's columns (x may be longer).  Reassociation
         only, so that LLVM vectorises the sums (in an order fixed per build)."""
         for j in range(W.shape[0]):
-            s = _ZERO
+            s = ZERO
             for i in range(W.shape[1]):
                 s += W[j, i] * x[i]
             out[j] = s
 
-    @_jit(**_JIT)
+    @jit(**IEEE)
     def _step_kernel(xz, conv, h, cw, A, xw, dtw, dtb, D, cb, y, conv_out, h_out):
         batch, channels, tail = conv.shape
         state = A.shape[1]
@@ -131,36 +132,36 @@ if _nb is not None:
             # Causal conv over (tail, new input), then SiLU; the tail shifts by one.
             for c in range(channels):
                 xin = xz[b, c]
-                acc = _ZERO
+                acc = ZERO
                 for k in range(tail):
-                    acc = _fma(conv[b, c, k], cw[c, k], acc)
-                acc = _fma(xin, cw[c, tail], acc)
+                    acc = fma(conv[b, c, k], cw[c, k], acc)
+                acc = fma(xin, cw[c, tail], acc)
                 if cb.shape[0]:
                     acc += cb[c]
                 for k in range(tail - 1):
                     conv_out[b, c, k] = conv[b, c, k + 1]
                 if tail > 0:
                     conv_out[b, c, tail - 1] = xin
-                x[c] = _silu(acc)
+                x[c] = silu(acc)
             _matvec(xw, x, proj)
             _matvec(dtw, proj, dt)  # the first dt_rank entries of proj
             for c in range(channels):
-                dt[c] = _softplus(dt[c] + dtb[c])
+                dt[c] = softplus(dt[c] + dtb[c])
             for c in range(channels):  # decays as in the scan kernel: 2^(dt A log2 e)
                 d = dt[c]
                 du = d * x[c]
                 for n in range(state):
-                    dec[c * state + n] = _exp2(d * (Af[c * state + n] * _LOG2E))
+                    dec[c * state + n] = exp2(d * (Af[c * state + n] * LOG2E))
                     inp[c * state + n] = du * proj[dt_rank + n]
             hb, ob = h[b].reshape(-1), h_out[b].reshape(-1)
             for i in range(channels * state):
-                ob[i] = _fma(dec[i], hb[i], inp[i])
+                ob[i] = fma(dec[i], hb[i], inp[i])
             for c in range(channels):
                 for n in range(state):
                     hc[c * state + n] = ob[c * state + n] * proj[dt_rank + state + n]
             for c in range(channels):
-                s = _ZERO
+                s = ZERO
                 for n in range(state):
                     s += hc[c * state + n]
                 zc = xz[b, channels + c]
-                y[b, c] = _fma(D[c], x[c], s) * _silu(zc)
+                y[b, c] = fma(D[c], x[c], s) * silu(zc)
