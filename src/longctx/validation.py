@@ -9,8 +9,10 @@ ops and other functions raise ``ValueError``, of which ``ConfigError`` is a kind
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 
@@ -89,3 +91,14 @@ def check_fields(config: Any, section: str, error: type[Exception] = ConfigError
         value, annotation = getattr(config, f.name), hints[f.name]
         if not _matches(value, annotation):
             raise error(f"{section}.{f.name} must be {_type_name(annotation)}; got {value!r}")
+
+
+def read_json_file(path: Path, *, missing: str, corrupt: str = "", error: type[Exception] = ConfigError) -> Any:
+    """The JSON value in ``path``; ``error(missing)`` when there is no such file, and an error
+    naming the file and the parse failure (plus ``corrupt``, what to do) when it is not JSON."""
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"'{path}' is not valid JSON ({e}){'; ' + corrupt if corrupt else ''}") from None

@@ -29,6 +29,8 @@ import torch
 from tqdm import tqdm
 
 from .corpus import document_names, read_documents, resolve_corpus
+from longctx.validation import read_json_file
+
 from .errors import DataError
 from .tokenizer import Tokenizer
 
@@ -132,12 +134,8 @@ def encode_corpus(
 def read_meta(path: str | Path) -> dict:
     """The meta.json of the dataset folder `path`."""
     meta_path = Path(path) / META_FILE
-    if not meta_path.is_file():
-        raise DataError(f"'{meta_path}' is missing; '{path}' is not a prepared dataset folder")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"'{meta_path}' is corrupt ({e}); delete the folder and prepare it again") from e
+    meta = read_json_file(meta_path, missing=f"'{meta_path}' is missing; '{path}' is not a prepared dataset folder",
+                          corrupt="delete the folder and prepare it again", error=DataError)
     required = {"format", "tokenizer", "vocab_size", "dtype", "splits"}
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not required <= meta.keys():
         raise DataError(

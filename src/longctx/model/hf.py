@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from longctx.model import hf_llama, hf_mamba
 from longctx.model.hf_common import HFCheckpointError
 from longctx.model.lm import LanguageModel
+from longctx.validation import read_json_file
 
 __all__ = ["ARCHITECTURES", "HFCheckpointError", "from_hf", "model_from_tensors", "read_hf_config", "to_hf"]
 
@@ -54,13 +55,8 @@ def read_hf_config(path: str | Path) -> tuple[str, dict[str, Any]]:
     """``(architecture, config.json as a dict)`` of a checkpoint directory; the architecture
     comes from ``architectures`` or, failing that, ``model_type``."""
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise HFCheckpointError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise HFCheckpointError(f"{config_file} is not valid JSON ({e})") from None
+    hf = read_json_file(path / "config.json", error=HFCheckpointError,
+                        missing=f"{path} is not a Hugging Face checkpoint directory (no config.json)")
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from longctx.model.config import ConfigError
+from longctx.validation import read_json_file
 
 
 class CheckpointError(ValueError):
@@ -213,11 +213,6 @@ def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a longctx run directory (no config.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return read_json_file(Path(run_dir) / "config.json",
+                          missing=f"{run_dir} is not a longctx run directory (no config.json)")
 

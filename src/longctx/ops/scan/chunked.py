@@ -9,10 +9,9 @@ memory stays linear in time without the state dimension.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from longctx.ops.scan.reference import as4d, discretize_delta, expand_groups
+from longctx.ops.scan.reference import as4d, discretize_delta, expand_groups, skip_and_gate
 
 CHUNK = 64
 
@@ -57,8 +56,4 @@ def scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
         y, h = checkpoint(scan_chunk, *args, use_reentrant=False) if grad else scan_chunk(*args)
         ys.append(y)
     y = torch.cat(ys, 1) if ys else u_.new_zeros(batch, 0, channels)
-    if D is not None:
-        y = y + f32(D) * u_
-    if z is not None:
-        y = y * F.silu(f32(z))
-    return y.to(u.dtype), h
+    return skip_and_gate(y, u_, D, z).to(u.dtype), h

@@ -33,6 +33,24 @@ def discretize_delta(delta, delta_bias, delta_softplus: bool, dtype: torch.dtype
     return F.softplus(delta) if delta_softplus else delta
 
 
+def compute_dtype(*tensors) -> torch.dtype:
+    """The widest dtype of ``tensors`` (Nones skipped), at least fp32."""
+    dtype = torch.float32
+    for x in tensors:
+        if x is not None:
+            dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def skip_and_gate(y: torch.Tensor, u: torch.Tensor, D, z) -> torch.Tensor:
+    """``(y + D u) * silu(z)``, each part only when given, in y's dtype."""
+    if D is not None:
+        y = y + D.to(y.dtype) * u
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
 def check_inputs(u, delta, A, B, C, D, z, delta_bias, state, *, step: bool, name: str) -> int:
     """Validate shapes, dtypes and devices; return the number of groups of B and C.
 
@@ -91,10 +109,7 @@ def selective_scan_ref(
     stay fp64, and so does the returned final state).  ``(batch, channels, state)`` per
     step, nothing of size time x state; for tests and short inputs."""
     check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, step=False, name="selective_scan_ref")
-    dtype = torch.float32
-    for x in (u, delta, A, B, C, D, z, delta_bias, initial_state):
-        if x is not None:
-            dtype = torch.promote_types(dtype, x.dtype)
+    dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     batch, time, channels = u.shape
     B4, C4 = as4d(cast(B)), as4d(cast(C))
@@ -108,11 +123,7 @@ def selective_scan_ref(
         h = torch.exp(dt_t[..., None] * A_) * h + (dt_t * u_t)[..., None] * expand_groups(b_t, channels)
         ys.append((h * expand_groups(c_t, channels)).sum(-1))
     y = torch.stack(ys, 1) if ys else u_.new_zeros(batch, 0, channels)
-    if D is not None:
-        y = y + cast(D) * u_
-    if z is not None:
-        y = y * F.silu(cast(z))
-    return y.to(u.dtype), h
+    return skip_and_gate(y, u_, D, z).to(u.dtype), h
 
 
 def ssm_step(
@@ -131,10 +142,7 @@ def ssm_step(
         ``selective_scan`` with ``initial_state=state``.  Differentiable.
     """
     check_inputs(u, delta, A, B, C, D, z, delta_bias, state, step=True, name="ssm_step")
-    dtype = torch.float32
-    for x in (u, delta, A, B, C, D, z, delta_bias, state):
-        if x is not None:
-            dtype = torch.promote_types(dtype, x.dtype)
+    dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, state)
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     channels = u.shape[-1]
     B3 = cast(B) if B.dim() == 3 else cast(B).unsqueeze(1)
@@ -143,8 +151,4 @@ def ssm_step(
     dt = discretize_delta(delta, delta_bias, delta_softplus, dtype)
     new = torch.exp(dt[..., None] * cast(A)) * cast(state) + (dt * u_)[..., None] * expand_groups(B3, channels)
     y = (new * expand_groups(C3, channels)).sum(-1)
-    if D is not None:
-        y = y + cast(D) * u_
-    if z is not None:
-        y = y * F.silu(cast(z))
-    return y.to(u.dtype), new
+    return skip_and_gate(y, u_, D, z).to(u.dtype), new
