@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from longctx.cache.policy import DEFAULT_SINKS, DEFAULT_WINDOW
+from longctx.cache.policy import CACHE_POLICIES, DEFAULT_SINKS, DEFAULT_WINDOW
 from longctx.cli.info import info
 from longctx.cli.tasks import add_task_commands
 from longctx.configs import preset_names
@@ -36,7 +36,8 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.resume:
         if args.preset or args.config:
-            raise ConfigError("--resume takes the run's own config.json; drop --preset/--config (use --set to change train settings)")
+            raise ConfigError("--resume takes the run's own config.json; drop --preset/--config "
+                              "(use --set to change train settings)")
         cfg = load_run_config(base=read_run_config(out), overrides=args.set)
     else:
         cfg = load_run_config(args.preset or "tiny", args.config, args.set)
@@ -244,12 +245,29 @@ def weights_option(p: argparse.ArgumentParser) -> None:
                         "(groups of 32 inputs) for faster decoding in less memory (default fp32)")
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The ``longctx`` parser; ``argv`` (the arguments it will parse) says whether the
-    synthetic-task commands' option lists are needed (they load the task definitions)."""
-    parser = argparse.ArgumentParser(prog="longctx", description="Train, run and measure long-context models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _session_options(p: argparse.ArgumentParser) -> None:
+    """The options of commands that run a model on a session: generate and chat."""
+    p.add_argument("run", help="run directory, Hugging Face checkpoint directory, GGUF file or installed model name "
+                               "(smollm2-135m)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+    weights_option(p)
+    p.add_argument("--cache", choices=CACHE_POLICIES, default="dense",
+                   help="attention KV cache: every token (dense), the first --sinks plus the last --window "
+                        "(sinks: StreamingLLM, constant memory however long), or the last --window only")
+    p.add_argument("--sinks", type=int, default=DEFAULT_SINKS,
+                   help=f"sink tokens kept with --cache sinks (default {DEFAULT_SINKS})")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help=f"recent tokens kept with --cache sinks|window (default {DEFAULT_WINDOW})")
+    p.add_argument("--save-state", metavar="FILE", help="save the session (caches, states, sampler) when done")
+    p.add_argument("--load-state", metavar="FILE",
+                   help="continue a saved session (give the --cache options it was made with)")
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a preset or TOML config")
     p.add_argument("--preset", help=f"preset name ({', '.join(preset_names())}); default tiny")
     p.add_argument("--config", help="TOML file applied over the preset")
@@ -265,33 +283,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="split each sequence over P processes (launch with torchrun --nproc_per_node P)")
     p.set_defaults(func=_train, trains=True)
 
-    def session_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("run", help="run directory, or a Hugging Face checkpoint directory")
-        p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-        p.add_argument("--top-k", type=int, default=None)
-        p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
-        weights_option(p)
-        p.add_argument("--cache", choices=("dense", "sinks", "window"), default="dense",
-                       help="attention KV cache: every token (dense), the first --sinks plus the last --window "
-                            "(sinks: StreamingLLM, constant memory however long), or the last --window only")
-        p.add_argument("--sinks", type=int, default=DEFAULT_SINKS,
-                       help=f"sink tokens kept with --cache sinks (default {DEFAULT_SINKS})")
-        p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                       help=f"recent tokens kept with --cache sinks|window (default {DEFAULT_WINDOW})")
-        p.add_argument("--save-state", metavar="FILE", help="save the session (caches, states, sampler) when done")
-        p.add_argument("--load-state", metavar="FILE",
-                       help="continue a saved session (give the --cache options it was made with)")
 
+def _add_session_commands(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a trained run, printed as it comes")
-    session_options(p)
+    _session_options(p)
     p.add_argument("--prompt", default="", help="text to continue (after --load-state: new text, may be empty)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="-1: until eos or Ctrl-C")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("chat", help="a multi-turn session on one cache: a line from stdin per turn")
-    session_options(p)
+    _session_options(p)
     p.add_argument("--template", default=None,
                    help="text fed for each line, {prompt} standing for the line (default: the model's chat template "
                         "when its tokenizer has one, else 'USER: {prompt}\\n\\nASSISTANT: ')")
@@ -300,8 +301,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200, help="per reply")
     p.set_defaults(func=_chat)
 
+
+def _add_eval_commands(sub) -> None:
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a corpus")
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help="run directory, Hugging Face checkpoint directory, GGUF file or installed model name")
     p.add_argument("--data", required=True, help="file, folder or glob")
     p.add_argument("--seq-len", type=int, default=None, help="context per window (default: training length)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -314,15 +317,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("import", aliases=["import-hf"],
-                       help="make a run from a Hugging Face checkpoint, a GGUF file or an installed model")
-    p.add_argument("source", help="a Hugging Face checkpoint directory (config.json + safetensors), a .gguf file, "
-                                  "or an installed model's name (smollm2-135m)")
-    p.add_argument("out", help="run directory to create")
-    p.set_defaults(func=_import)
-
     p = sub.add_parser("stream-eval", help="perplexity over one long stream under KV-cache policies (StreamingLLM)")
-    p.add_argument("run", help="run directory, or a Hugging Face checkpoint directory")
+    p.add_argument("run", help="run directory, Hugging Face checkpoint directory, GGUF file or installed model name")
     p.add_argument("--data", required=True, help="file, folder or glob; its documents make one stream")
     p.add_argument("--cache", default="sinks,recompute",
                    help="policies, comma-separated: dense, window, sinks, recompute (attention models), "
@@ -343,12 +339,34 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_stream_eval)
 
+
+def _add_model_commands(sub) -> None:
+    p = sub.add_parser("import", aliases=["import-hf"],
+                       help="make a run from a Hugging Face checkpoint, a GGUF file or an installed model")
+    p.add_argument("source", help="a Hugging Face checkpoint directory (config.json + safetensors), a .gguf file, "
+                                  "or an installed model's name (smollm2-135m)")
+    p.add_argument("out", help="run directory to create")
+    p.set_defaults(func=_import)
+
     p = sub.add_parser("info", help="describe a run: architecture, parameters, training, checkpoints")
     p.add_argument("run", help="run directory, Hugging Face checkpoint directory, GGUF file or installed model name")
     p.add_argument("--json", action="store_true", help="everything as JSON, the full config included")
     p.set_defaults(func=info)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``longctx`` parser; ``argv`` (the arguments it will parse) says whether the
+    synthetic-task commands' option lists are needed (they load the task definitions)."""
+    parser = argparse.ArgumentParser(prog="longctx", description="Train, run and measure long-context models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_session_commands(sub)
+    _add_eval_commands(sub)
+    _add_model_commands(sub)
     add_task_commands(sub, detailed=any(a in ("task", "compare") for a in (argv or [])[:1]))
     return parser
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
