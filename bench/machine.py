@@ -3,6 +3,8 @@
 - ``matmul_gflops``: best of ``repeats`` square ``n x n`` matmuls (``2 n^3`` FLOPs each), run
   with all the threads torch uses; the denominator of every "fraction of peak".
 - ``memory_gbps``: best of several copies of a 256 MiB tensor, (bytes read + written) / time.
+- ``memory_read_gbps``: best of several sums of a 512 MiB tensor, bytes read / time: the
+  bound of a decoding step, which reads its weights and writes almost nothing.
 - ``machine_info``: torch version, thread count, CPU model.
 - ``write_result``: print rows as an aligned plain-text table and write
   ``<name>.json`` (rows, extra, machine info) in ``bench/results/``, or in the directory
@@ -67,6 +69,18 @@ def memory_gbps(mbytes: int = 256, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return 2 * src.nbytes / best / 1e9
+
+
+def memory_read_gbps(mbytes: int = 512, repeats: int = 5) -> float:
+    """Best bytes read / time of summing a ``mbytes`` MiB fp32 tensor (all torch threads)."""
+    src = torch.randn(mbytes * 2**20 // 4)
+    src.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - t0)
+    return src.nbytes / best / 1e9
 
 
 def machine_info() -> dict:
@@ -134,5 +148,6 @@ if __name__ == "__main__":
     info = machine_info()
     info["matmul_gflops_fp32"] = matmul_gflops()
     info["memory_gbps"] = memory_gbps()
+    info["memory_read_gbps"] = memory_read_gbps()
     for key, value in info.items():
         print(f"{key}: {_fmt(value)}")

@@ -183,3 +183,24 @@ def test_sliding_window_errors():
         attention(q, k, v, causal=False, window=2)
     with pytest.raises(ValueError, match="causal=True"):
         attention_ref(q, k, v, causal=False, window=2)
+
+
+@pytest.mark.parametrize("time", [1, 3, 8])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads,kv_heads", [(6, 6), (6, 2), (6, 1)])
+def test_few_queries_path_matches_reference_and_flash(time, causal, heads, kv_heads, monkeypatch):
+    """Up to FEW_QUERIES queries (decoding) attend by matmuls over keys in a KV cache's
+    head-major storage, read through a transpose; lse only on request."""
+    q, k, v = _inputs(2, time, 40, heads, kv_heads, 16)
+    k_cache, v_cache = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+    out, lse = attention(q, k_cache, v_cache, causal=causal)
+    want_out, want_lse = attention_ref(q.double(), k.double(), v.double(), causal=causal)
+    torch.testing.assert_close(out.double(), want_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-6, rtol=1e-5)
+    out_only, no_lse = attention(q, k_cache, v_cache, causal=causal, with_lse=False)
+    assert no_lse is None
+    torch.testing.assert_close(out_only, out, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(attention_module, "FEW_QUERIES", 0)
+    flash_out, flash_lse = attention(q, k, v, causal=causal)
+    torch.testing.assert_close(out, flash_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, flash_lse, atol=2e-6, rtol=1e-5)

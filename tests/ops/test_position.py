@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -101,3 +103,18 @@ def test_scaled_rope_rotates_and_scales():
 def test_rope_scaling_errors(scaling, match):
     with pytest.raises(ValueError, match=match):
         check_rope_scaling(scaling)
+
+
+@pytest.mark.parametrize("scaling", [None, *SCALINGS], ids=lambda s: "plain" if s is None else s["rope_type"])
+def test_cached_table_equals_direct_angles(scaling, monkeypatch):
+    """On CPU, integer positions below TABLE_MAX read cos and sin from a cached table: the
+    same values as computing the angles per call (TABLE_MAX = 0), in every layout."""
+    rope_module = importlib.import_module("longctx.ops.rope")
+    x = torch.randn(2, 5, 3, 16)
+    cases = [torch.arange(5), torch.tensor([[0, 1, 2, 3, 4], [900, 901, 950, 3000, 2]]),
+             torch.arange(70_000, 70_005)]  # the last beyond the table: computed directly either way
+    scaling = check_rope_scaling(scaling)
+    tabled = [rope(x, pos, 5000.0, scaling=scaling) for pos in cases]
+    monkeypatch.setattr(rope_module, "TABLE_MAX", 0)
+    for pos, got in zip(cases, tabled):
+        assert torch.equal(got, rope(x, pos, 5000.0, scaling=scaling))

@@ -48,6 +48,22 @@ def test_kernels_equal_their_reference(rows, shape):
                                    atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(48, 64), (7, 96), (130, 256)])
+def test_dequantize_kernels_equal_their_reference(shape):
+    """The CPU dequantization of prefill-sized inputs, against the torch reference."""
+    from longctx.ops import quantized_kernels as kernels
+
+    w = torch.randn(*shape, generator=G)
+    q, scale = quantize_int8(w)
+    out = torch.empty(shape)
+    kernels.int8_dequantize(q.numpy(), scale.numpy(), out.numpy())
+    assert torch.equal(out, dequantize_int8(q, scale))
+    for group in (32,) if shape[1] % 64 else (32, 64):
+        packed, s, low = quantize_int4(w, group)
+        kernels.int4_dequantize(packed.numpy(), s.numpy(), low.numpy(), out.numpy())
+        torch.testing.assert_close(out, dequantize_int4(packed, s, low), atol=1e-6, rtol=1e-6)  # fma or not
+
+
 def test_quantization_is_as_exact_as_its_format():
     w = torch.randn(64, 128, generator=G)
     q, scale = quantize_int8(w)
@@ -55,7 +71,7 @@ def test_quantization_is_as_exact_as_its_format():
     assert (dequantize_int8(q, scale) - w).abs().max() <= scale.max() / 2 * 1.0001  # half a step per channel
     for group in (32, 64, 128):
         packed, s, low = quantize_int4(w, group)
-        assert packed.dtype == torch.uint8 and packed.shape == (64, 64)
+        assert packed.dtype == torch.uint8 and packed.shape == (1, 64, 64)  # one block of 64 channels
         torch.testing.assert_close(dequantize_int4(packed, s, low).double(), _reference_int4(w, group),
                                    atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="group size must be one of 32, 64, 128"):
@@ -82,6 +98,7 @@ def test_quantized_model_decodes_as_its_full_pass(kind):
     quantize_model(model, kind)
     kept = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert kept == ["blocks.1.mixer.x_proj", "blocks.1.mixer.dt_proj"]  # read by Mamba's fused decode step
+    assert model.blocks[0].mixer.qkv.kind == kind and model.lm_head.kind == "int8"  # int4 keeps an int8 LM head
     assert model.num_parameters() == fp32.num_parameters()
     ids = torch.randint(0, 96, (1, 20), generator=G)
     with torch.no_grad():

@@ -20,6 +20,11 @@ class KVCache(LayerState):
     (after RoPE, which depends only on the absolute position).  When the new keys carry
     gradients (training through a state, e.g. truncated backprop over segments) the cache
     is concatenated out of place so autograd sees every step.
+
+    Storage is head-major, ``(batch, kv_heads, capacity, head_dim)``, seen through a
+    transposed view, so ``update`` returns ``(batch, time, kv_heads, head_dim)`` views in
+    which each head's keys are one contiguous ``(time, head_dim)`` matrix: what the matmuls
+    of a decoding step read, in place (``longctx.ops.attention``).
     """
 
     def __init__(self, batch_size: int, max_len: int | None = None) -> None:
@@ -69,8 +74,8 @@ class KVCache(LayerState):
             new_k, new_v = self._k, self._v
         else:
             capacity = max(need, 2 * old, self.capacity_hint, 64)
-            new_k = k.new_empty(self.batch_size, capacity, *k.shape[2:])
-            new_v = v.new_empty(self.batch_size, capacity, *v.shape[2:])
+            new_k = k.new_empty(self.batch_size, k.shape[2], capacity, k.shape[3]).transpose(1, 2)
+            new_v = v.new_empty(self.batch_size, v.shape[2], capacity, v.shape[3]).transpose(1, 2)
         if live:
             new_k[:, :live] = self._live(self._k).clone()
             new_v[:, :live] = self._live(self._v).clone()

@@ -109,7 +109,9 @@ class SinkKVCache(LayerState):
                              "torch.no_grad() (generate/stream do)")
 
     def _storage(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(self.batch_size, 2 * self.capacity, *x.shape[2:])
+        """``(batch, 2 capacity, kv_heads, head_dim)``, a view of head-major storage as in
+        ``KVCache`` (each head's keys contiguous for the attention matmuls)."""
+        return x.new_empty(self.batch_size, x.shape[2], 2 * self.capacity, x.shape[3]).transpose(1, 2)
 
     def _evict_oldest(self) -> None:
         """Drop the oldest window token (just after the sinks), leaving the kept slice

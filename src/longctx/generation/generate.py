@@ -81,7 +81,7 @@ def stream(
     else:
         generator.manual_seed(int(torch.randint(2**62, ())))
     stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=ids.device)
-    logits = model(ids, state)[:, -1]
+    logits = model(ids, state, last_only=True)[:, -1]
     # Sequences that stopped earlier in the session stay stopped until new input comes.
     done = state.extra.get("done", torch.zeros(ids.shape[0], dtype=torch.bool)).to(ids.device)
     # Per-token bookkeeping only where it can change anything (it is a tenth of a small
@@ -104,7 +104,7 @@ def stream(
         if step == max_new_tokens - 1 or (check_stop and bool(done.all())):
             return
         del state.extra["pending"]
-        logits = model(ids, state)[:, -1]
+        logits = model(ids, state, last_only=True)[:, -1]
 
 
 def generate(model, ids, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -77,18 +77,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: KVCache | SinkKVCache | None = None) -> torch.Tensor:
         batch, time, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
-        )
-        q = q.view(batch, time, self.n_heads, self.head_dim)
-        k = k.view(batch, time, self.n_kv_heads, self.head_dim)
-        v = v.view(batch, time, self.n_kv_heads, self.head_dim)
+        qkv = self.qkv(x)
         if isinstance(state, SinkKVCache):
-            return self.out(self._attend_in_cache(q, k, v, state).reshape(batch, time, -1))
+            return self.out(self._attend_in_cache(qkv, state).reshape(batch, time, -1))
         start = 0 if state is None else state.seq_len
-        if self.pos == "rope":
-            positions = self.positions(start, time, x.device)
-            q, k = self._rope(q, positions, start + time), self._rope(k, positions, start + time)
+        positions = self.positions(start, time, x.device) if self.pos == "rope" else None
+        q, k, v = self._heads(qkv, positions, start + time)
         kv_start = 0
         if state is not None:
             kv_start = state.start
@@ -98,10 +92,22 @@ class Attention(nn.Module):
             state.trim(state.seq_len - self.window + 1)  # the next query sees no key before this
         return self.out(out.reshape(batch, time, -1))
 
+    def _heads(self, qkv: torch.Tensor, positions: torch.Tensor | None, seq_len: int):
+        """``qkv (batch, time, (heads + 2 kv_heads) head_dim)`` -> q ``(batch, time, heads,
+        head_dim)``, k and v ``(batch, time, kv_heads, head_dim)``; with ``positions``, q and k
+        rotated by RoPE in one call (they are adjacent in ``qkv``)."""
+        batch, time, _ = qkv.shape
+        heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
+        qk = qkv[..., : (heads + kv_heads) * dim].view(batch, time, heads + kv_heads, dim)
+        if positions is not None:
+            qk = self._rope(qk, positions, seq_len)
+        v = qkv[..., (heads + kv_heads) * dim :].view(batch, time, kv_heads, dim)
+        return qk[:, :, :heads], qk[:, :, heads:], v
+
     def _rope(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
         return rope(x, positions, self.rope_theta, scaling=self.rope_scaling, seq_len=seq_len)
 
-    def _attend_in_cache(self, q, k, v, state: SinkKVCache) -> torch.Tensor:
+    def _attend_in_cache(self, qkv, state: SinkKVCache) -> torch.Tensor:
         """Attention of the new tokens to a sink cache, at positions inside the cache.
 
         RoPE scores depend on distances only, so new queries and keys are rotated once, at
@@ -112,12 +118,12 @@ class Attention(nn.Module):
         So a step rotates O(n_sink) keys, not every kept one; the fp64 angles of
         ``longctx.ops.rope`` keep stream positions in the millions exact."""
         if self.pos != "rope":
+            q, k, v = self._heads(qkv, None, 0)
             k, v = state.update(k, v)
             return self.attend(q, k, v, 0, state)
-        time = q.shape[1]
+        time = qkv.shape[1]
         span = min(state.seq_len + time, state.capacity)  # the cache's length after this update
-        positions = self.positions(state.seq_len, time, q.device)
-        q, k = self._rope(q, positions, span), self._rope(k, positions, span)
+        q, k, v = self._heads(qkv, self.positions(state.seq_len, time, qkv.device), span)
 
         def shift_sinks(sinks: torch.Tensor, evicted: int) -> torch.Tensor:
             return self._rope(sinks, torch.full((sinks.shape[1],), evicted, device=sinks.device), span)
@@ -136,4 +142,4 @@ class Attention(nn.Module):
         kv_heads, head_dim)`` starting at absolute position ``kv_start`` (the cache's kept
         part; 0 for a sink cache, whose keys are in cache order at positions ``0 ..``); the
         queries are the last ``time`` positions; ``model.attn_window`` applies."""
-        return attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, window=self.window)[0]
+        return attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, window=self.window, with_lse=False)[0]

@@ -24,7 +24,9 @@ class LanguageModel(nn.Module):
 
     With a state (``init_state``), the model continues from the tokens it has seen:
     ``forward(a, s)`` then ``forward(b, s)`` gives the logits of ``forward(cat(a, b))``
-    for the positions of ``b``.
+    for the positions of ``b``.  ``last_only=True`` gives the last position's logits only,
+    ``(batch, 1, vocab_size)``: what generation needs after a prompt, without the LM head's
+    matmul and memory for every prompt position.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -126,7 +128,7 @@ class LanguageModel(nn.Module):
                 f"positions (model.max_seq_len); shorten the input"
             )
 
-    def forward(self, ids: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, state: ModelState | None = None, *, last_only: bool = False) -> torch.Tensor:
         start = 0 if state is None else state.seq_len
         # With model.sink_token, a fresh sequence starts with the learned sink (position 0);
         # its output is dropped, and a state counts it among the tokens seen.
@@ -143,7 +145,8 @@ class LanguageModel(nn.Module):
             x = block(x, None if state is None else state.layers[i])
         if state is not None:
             state.seq_len += x.shape[1]
-        return self.lm_head(self.norm(x[:, 1:] if sink else x))
+        x = x[:, -1:] if last_only else x[:, 1:] if sink else x
+        return self.lm_head(self.norm(x))
 
     def positions(self, start: int, time: int, device) -> torch.Tensor:
         """Absolute positions ``(time,)`` of new tokens (a seam sequence parallelism replaces)."""

@@ -3,8 +3,9 @@
 Layout throughout: ``(batch, time, heads, head_dim)``.
 
 ``attention`` runs on PyTorch's flash-style kernel (online softmax, never a full
-``time x kv_time`` score matrix); ``attention_ref`` is the dense masked softmax it is
-tested against.  Both return ``(out, lse)`` where ``lse`` is the natural-log softmax
+``time x kv_time`` score matrix), except for a few queries (a decoding step), where two
+matmuls and a softmax over the ``time x kv_time`` scores are cheaper; ``attention_ref`` is
+the dense masked softmax both are tested against.  Both return ``(out, lse)`` where ``lse`` is the natural-log softmax
 denominator of each query row, so partial attentions over disjoint key sets combine
 exactly with ``merge``.
 
@@ -26,6 +27,9 @@ _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 # Query rows per step of the blocked path (ALiBi, non-CPU devices); its bias is heads x this x kv_time.
 _BLOCK = 256
+# Up to this many queries, ``_attention_few_queries``: the flash kernel's per-call set-up
+# costs more than the whole step (3x at one query and 512 keys).
+FEW_QUERIES = 8
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -184,6 +188,29 @@ def _attention_causal_offset(q, k, v, scale: float):
     return merge(out_a, lse_a, out_b, lse_b)
 
 
+def _attention_few_queries(q, k, v, causal: bool, scale: float, with_lse: bool):
+    """Attention of a few queries, by matmuls: q ``(B, T, H, D)``, k/v ``(B, S, Hkv, D)`` in
+    any strides, ``(B, H, T, D)`` out and lse ``(B, H, T)`` (None unless ``with_lse``).
+
+    The ``H / Hkv`` query heads that share a kv head become the rows of one matrix, so each
+    kv head's keys are read in place (no ``repeat_interleave`` copy): a KV cache's storage
+    (``longctx.cache.KVCache``, head-major) goes to the matmuls as it is."""
+    batch, time, heads, dim = q.shape
+    kv_heads, group = k.shape[2], heads // k.shape[2]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    # rows (group, time) of kv head h: query head h * group + i at time t
+    qg = (q.to(dtype) * scale).view(batch, time, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+    kt, vt = k.to(dtype).transpose(1, 2), v.to(dtype).transpose(1, 2)
+    s = torch.matmul(qg.reshape(batch, kv_heads, group * time, dim), kt.transpose(2, 3))
+    if causal and time > 1:
+        mask = _causal_mask(time, k.shape[1], q.device).repeat(group, 1)
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1) if with_lse else None
+    p = torch.softmax(s, dim=-1) if lse is None else torch.exp(s - lse[..., None])
+    out = torch.matmul(p, vt).view(batch, heads, time, dim).to(q.dtype)
+    return out, None if lse is None else lse.view(batch, heads, time)
+
+
 def _attention_blocked(q, k, v, causal: bool, scale: float, slopes):
     """Attention over blocks of queries with an additive bias (ALiBi and/or causal mask).
 
@@ -252,7 +279,8 @@ def attention(
     scale: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     window: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact softmax attention with its log-sum-exp, without a full score matrix.
 
     Args:
@@ -265,6 +293,8 @@ def attention(
         window: optional sliding window (causal only): a query sees itself and the
             ``window - 1`` keys before it.  A window that reaches every key changes nothing
             and takes the fused path; a shorter one runs blocked (``_attention_windowed``).
+        with_lse: False when the caller needs ``out`` only (a decoding step then skips the
+            log-sum-exp and returns None for it).
 
     Returns:
         out ``(batch, time, heads, head_dim)`` in q's dtype and lse ``(batch, time, heads)``
@@ -287,6 +317,9 @@ def attention(
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
         return q * 0 + (k.sum() + v.sum()) * 0, lse
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if time <= FEW_QUERIES and window is None and alibi_slopes is None:
+        out, lse = _attention_few_queries(q, k, v, causal, scale, with_lse)
+        return out.transpose(1, 2), None if lse is None else lse.transpose(1, 2)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if window is not None:
         out, lse = _attention_windowed(qt, kt, vt, scale, alibi_slopes, window)

@@ -158,6 +158,48 @@ def rope_frequencies(
     return inv_freq.float()
 
 
+# On CPU, positions below this read their cos and sin from a cached table (built in fp64
+# like the direct path, grown by doubling); beyond, and on other devices (where reading the
+# largest position would wait for the device), they are computed per call.
+TABLE_MAX = 1 << 16
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _cos_sin(angles: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
+    """fp64 angles ``(..., D/2)`` -> ``(..., 2, D)``: ``[cos, cos]`` and ``[-sin, sin]`` times
+    ``factor``, in ``dtype``: what ``x * cos + rotate(x) * sin`` multiplies by."""
+    cos, sin = torch.cos(angles) * factor, torch.sin(angles) * factor
+    return torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], dim=-2).to(dtype)
+
+
+def _table(head_dim: int, theta: float, scaling: dict[str, Any] | None, size: int, device, dtype) -> torch.Tensor:
+    """``_cos_sin`` of positions ``0 .. n - 1``, ``(n, 2, head_dim)``, n >= ``size``; cached."""
+    key = (head_dim, theta, None if scaling is None else tuple(sorted(scaling.items())), str(device), dtype)
+    table = _TABLES.get(key)
+    if table is None or table.shape[0] < size:
+        n = min(TABLE_MAX, max(1024, 1 << (size - 1).bit_length()))
+        inv_freq = rope_frequencies(head_dim, theta, device=device, scaling=scaling).double()
+        angles = torch.arange(n, device=device, dtype=torch.float64)[:, None] * inv_freq
+        table = _TABLES[key] = _cos_sin(angles, rope_attention_factor(scaling), dtype)
+    return table
+
+
+def _from_table(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict[str, Any] | None,
+                dtype: torch.dtype) -> torch.Tensor | None:
+    """``_cos_sin`` of ``positions`` read from the cached table, ``(*positions.shape, 2, head_dim)``;
+    None where the table does not apply: other devices, ``"dynamic"`` scaling (frequencies
+    that follow the length), positions that are not integers in ``0 .. TABLE_MAX - 1``."""
+    if positions.device.type != "cpu" or positions.is_floating_point() or not positions.numel():
+        return None
+    if scaling is not None and scaling["rope_type"] == "dynamic":
+        return None
+    low, top = (int(p) for p in torch.aminmax(positions))
+    if low < 0 or top >= TABLE_MAX:
+        return None
+    table = _table(head_dim, theta, scaling, top + 1, positions.device, dtype)
+    return table.index_select(0, positions.reshape(-1)).view(*positions.shape, 2, head_dim)
+
+
 def rope(
     x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0, *, scaling: dict[str, Any] | None = None,
     seq_len: int | None = None,
@@ -180,17 +222,16 @@ def rope(
         raise ValueError(f"rope expects (batch, time, heads, head_dim); got shape {tuple(x.shape)}")
     if positions.shape[-1] != x.shape[1]:
         raise ValueError(f"positions has {positions.shape[-1]} entries for {x.shape[1]} time steps")
+    head_dim = x.shape[-1]
     if scaling is not None and scaling["rope_type"] == "dynamic" and seq_len is None and positions.numel():
         seq_len = int(positions.max()) + 1
-    inv_freq = rope_frequencies(x.shape[-1], theta, device=x.device, scaling=scaling, seq_len=seq_len).double()
-    angles = positions.to(x.device, torch.float64)[..., None] * inv_freq  # (..., time, D/2)
-    if angles.dim() == 2:
-        angles = angles[None]
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    factor = rope_attention_factor(scaling)
-    if factor != 1.0:
-        cos, sin = cos * factor, sin * factor
-    cos = cos.to(x.dtype)[:, :, None, :]  # (B|1, T, 1, D/2)
-    sin = sin.to(x.dtype)[:, :, None, :]
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    positions = positions.to(x.device)
+    cos_sin = _from_table(positions, head_dim, theta, scaling, x.dtype)
+    if cos_sin is None:
+        inv_freq = rope_frequencies(head_dim, theta, device=x.device, scaling=scaling, seq_len=seq_len).double()
+        cos_sin = _cos_sin(positions.double()[..., None] * inv_freq, rope_attention_factor(scaling), x.dtype)
+    if cos_sin.dim() == 3:
+        cos_sin = cos_sin[None]
+    cos, sin = cos_sin[:, :, None, 0], cos_sin[:, :, None, 1]  # (B|1, T, 1, D)
+    # Rotate half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); roll swaps the halves.
+    return torch.addcmul(x * cos, x.roll(head_dim // 2, -1), sin)
