@@ -54,11 +54,11 @@ def test_subpackages_import_only_what_their_layer_allows():
     assert not problems, "\n".join(problems)
 
 
-# The exceptions: the selective scan's CPU kernel and the fused Mamba decode step are compiled with numba (which brings
-# numpy and llvmlite).
+# The exceptions: the CPU kernels (selective scan, Mamba decode step, quantized matvecs, attention-block decode step) are
+# compiled with numba (which brings numpy and llvmlite).
 OPS_EXTRA = {"numba_math.py": {"numba", "numpy", "llvmlite"}, "kernels.py": {"numba", "numpy"},
              "autograd.py": {"numba", "numpy"}, "mamba_decode.py": {"numpy"},
-             "quantized_kernels.py": {"numba", "numpy"}}
+             "quantized_kernels.py": {"numba", "numpy"}, "decode_kernels.py": {"numba", "numpy"}}
 
 
 def test_shared_modules_import_nothing_from_longctx():

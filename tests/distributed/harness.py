@@ -9,7 +9,6 @@ call raise with that rank's traceback; a run longer than ``timeout`` seconds is 
 
 from __future__ import annotations
 
-import os
 import tempfile
 import traceback
 from datetime import timedelta

@@ -57,6 +57,14 @@ class KVCache(LayerState):
         self.seq_len += new
         return self._live(self._k), self._live(self._v)
 
+    def head_major(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """The storage itself, keys and values ``(batch, kv_heads, capacity, head_dim)``
+        (contiguous), and the storage rows ``lo .. hi - 1`` that hold the kept positions
+        ``start .. seq_len - 1``: for kernels that read the cache in place."""
+        if self._k is None:
+            raise ValueError("the cache is empty: update it first")
+        return self._k.transpose(1, 2), self._v.transpose(1, 2), self.start - self._base, self.seq_len - self._base
+
     def trim(self, start: int) -> None:
         """Forget the keys and values before absolute position ``start`` (memory is reused
         on the next growth)."""

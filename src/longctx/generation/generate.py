@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from longctx.cache.model_state import ModelState
+from longctx.generation.fast_decode import fast_decoder
 from longctx.generation.sampling import check_sampling, sample_next
 
 
@@ -88,6 +89,8 @@ def stream(
     # model's step): stop checks when there are stop ids or stopped sequences, the RNG
     # snapshot when sampling draws from it.
     check_stop = len(stop_ids) > 0 or bool(done.any())
+    # one-token steps in two kernel calls per layer where the model allows (fast_decode)
+    fast_step = fast_decoder(model, state) if ids.device.type == "cpu" else None
     state.extra["done"] = done.clone()
     state.extra["rng"] = generator.get_state()
     for step in range(max_new_tokens):
@@ -104,7 +107,7 @@ def stream(
         if step == max_new_tokens - 1 or (check_stop and bool(done.all())):
             return
         del state.extra["pending"]
-        logits = model(ids, state, last_only=True)[:, -1]
+        logits = model(ids, state, last_only=True)[:, -1] if fast_step is None else fast_step(ids)
 
 
 def generate(model, ids, max_new_tokens: int, **kwargs) -> torch.Tensor:

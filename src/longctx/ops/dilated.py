@@ -326,10 +326,10 @@ def _forward_online(q, k, v, pieces, causal: bool, scale: float, slopes, extra=(
     for piece in pieces:
         _, part, part_lse = _attend(piece, q, k, v, causal, scale, slopes, extra, False)
         part, part_lse = piece.unfold(part).float(), piece.unfold(part_lse)
-        o, l = piece.q_view(out), piece.q_view(lse)
-        both = torch.logaddexp(l, part_lse)  # every kept query sees a key: part_lse is finite
-        o.mul_(torch.exp(l - both)[..., None]).addcmul_(torch.exp(part_lse - both)[..., None], part)
-        l.copy_(both)
+        o, o_lse = piece.q_view(out), piece.q_view(lse)
+        both = torch.logaddexp(o_lse, part_lse)  # every kept query sees a key: part_lse is finite
+        o.mul_(torch.exp(o_lse - both)[..., None]).addcmul_(torch.exp(part_lse - both)[..., None], part)
+        o_lse.copy_(both)
     return out, lse
 
 

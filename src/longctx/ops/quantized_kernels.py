@@ -72,14 +72,12 @@ def _int4_block(x, group_sums, packed, scale, low, out, acc, total, block):
             out[m, block * lanes + r] = total[r]
 
 
-def int4_matvec(x, packed, scale, low, out) -> None:
-    """``out (M, N) = x (M, K) @ W^T`` with W the int4 weight ``(packed, scale, low)`` of
-    ``longctx.ops.quantized``: per group, ``sum_k x_k (q_k s + l) = s sum_k x_k q_k + l sum_k x_k``."""
-    _int4_matvec(x, packed, scale, low, out, numba.get_num_threads())
-
-
 @jit(parallel=True, **_FAST)
-def _int4_matvec(x, packed, scale, low, out, threads):
+def int4_matvec(x, packed, scale, low, out):
+    """``out (M, N) = x (M, K) @ W^T`` with W the int4 weight ``(packed, scale, low)`` of
+    ``longctx.ops.quantized``: per group, ``sum_k x_k (q_k s + l) = s sum_k x_k q_k + l sum_k x_k``.
+    One parallel item per thread, each a contiguous run of channel blocks."""
+    threads = numba.get_num_threads()
     m_rows, k_size = x.shape
     groups = scale.shape[1]
     group = k_size // groups

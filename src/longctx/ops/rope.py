@@ -200,6 +200,21 @@ def _from_table(positions: torch.Tensor, head_dim: int, theta: float, scaling: d
     return table.index_select(0, positions.reshape(-1)).view(*positions.shape, 2, head_dim)
 
 
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0, *,
+                 scaling: dict[str, Any] | None = None, seq_len: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What ``rope`` multiplies by at ``positions`` ``(...,)``: ``(..., 2, head_dim)``, row 0
+    ``[cos, cos]`` and row 1 ``[-sin, sin]`` (times YaRN's attention factor), from fp64
+    angles; ``seq_len`` as in ``rope``."""
+    if scaling is not None and scaling["rope_type"] == "dynamic" and seq_len is None and positions.numel():
+        seq_len = int(positions.max()) + 1
+    cos_sin = _from_table(positions, head_dim, theta, scaling, dtype)
+    if cos_sin is None:
+        inv_freq = rope_frequencies(head_dim, theta, device=positions.device, scaling=scaling, seq_len=seq_len)
+        cos_sin = _cos_sin(positions.double()[..., None] * inv_freq.double(), rope_attention_factor(scaling), dtype)
+    return cos_sin
+
+
 def rope(
     x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0, *, scaling: dict[str, Any] | None = None,
     seq_len: int | None = None,
@@ -223,13 +238,7 @@ def rope(
     if positions.shape[-1] != x.shape[1]:
         raise ValueError(f"positions has {positions.shape[-1]} entries for {x.shape[1]} time steps")
     head_dim = x.shape[-1]
-    if scaling is not None and scaling["rope_type"] == "dynamic" and seq_len is None and positions.numel():
-        seq_len = int(positions.max()) + 1
-    positions = positions.to(x.device)
-    cos_sin = _from_table(positions, head_dim, theta, scaling, x.dtype)
-    if cos_sin is None:
-        inv_freq = rope_frequencies(head_dim, theta, device=x.device, scaling=scaling, seq_len=seq_len).double()
-        cos_sin = _cos_sin(positions.double()[..., None] * inv_freq, rope_attention_factor(scaling), x.dtype)
+    cos_sin = rope_cos_sin(positions.to(x.device), head_dim, theta, scaling=scaling, seq_len=seq_len, dtype=x.dtype)
     if cos_sin.dim() == 3:
         cos_sin = cos_sin[None]
     cos, sin = cos_sin[:, :, None, 0], cos_sin[:, :, None, 1]  # (B|1, T, 1, D)
