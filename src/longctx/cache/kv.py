@@ -65,6 +65,13 @@ class KVCache(LayerState):
             raise ValueError("the cache is empty: update it first")
         return self._k.transpose(1, 2), self._v.transpose(1, 2), self.start - self._base, self.seq_len - self._base
 
+    def rewind(self, n: int) -> None:
+        """Forget the last ``n`` positions (rejected draft tokens of speculative decoding);
+        the storage stays for the next update."""
+        if not 0 <= n <= self.seq_len - self.start:
+            raise ValueError(f"cannot rewind {n} positions: the cache keeps {self.seq_len - self.start}")
+        self.seq_len -= n
+
     def trim(self, start: int) -> None:
         """Forget the keys and values before absolute position ``start`` (memory is reused
         on the next growth)."""

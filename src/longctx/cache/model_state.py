@@ -40,6 +40,17 @@ class ModelState:
         extra = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in self.extra.items()}
         return ModelState([s.fork() for s in self.layers], self.seq_len, self.batch_size, extra)
 
+    def rewind(self, n: int) -> None:
+        """Forget the last ``n`` tokens seen: every layer state must be able to
+        (``rewind(n)``, as dense KV caches do)."""
+        unable = sorted({type(s).__name__ for s in self.layers if not hasattr(s, "rewind")})
+        if unable:
+            raise ValueError(f"{', '.join(unable)} cannot forget tokens it has seen, as speculative decoding "
+                             "needs: use cache='dense' with an attention-only model")
+        for s in self.layers:
+            s.rewind(n)
+        self.seq_len -= n
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict (``layers.{i}.{name}``, ``extra.{name}``), ready for safetensors."""
         out = {"seq_len": torch.tensor(self.seq_len)}

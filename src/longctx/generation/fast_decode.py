@@ -95,6 +95,8 @@ def fast_decoder(model: nn.Module, state) -> Callable[[torch.Tensor], torch.Tens
     layers = [_layer_plan(block, cache) for block, cache in zip(model.blocks, state.layers)]
     if any(p is None for p in layers):
         return None
+    import numba
+
     from longctx.ops import decode_kernels as kernels
 
     attn = layers[0]["attn"]
@@ -107,6 +109,7 @@ def fast_decoder(model: nn.Module, state) -> Callable[[torch.Tensor], torch.Tens
     no_rotation = np.zeros((2, dim), dtype=np.float32)
     rotated = heads + kv_heads if attn.pos == "rope" else 0  # q and k heads
     scale = np.float32(dim**-0.5)
+    chunks = 2 * numba.get_num_threads()  # parallel pieces of each kv head's keys in the attention
     embed = model.embed.weight.detach()
 
     def step(token: torch.Tensor) -> torch.Tensor:
@@ -122,7 +125,7 @@ def fast_decoder(model: nn.Module, state) -> Callable[[torch.Tensor], torch.Tens
             k_store, v_store, lo, hi = p["cache"].head_major()
             x = kernels.attention_out_mlp(x, qkv_np, k_store[0].numpy(), v_store[0].numpy(), lo, hi, heads, scale,
                                           p["out_w"], p["out_b"], p["norms"][1], p["eps"][1], p["gate_up_w"],
-                                          p["down_w"], p["hidden"])
+                                          p["down_w"], p["hidden"], chunks)
         state.seq_len += 1
         return model.lm_head(model.norm(torch.from_numpy(x)[None, None]))[:, -1]
 

@@ -10,6 +10,7 @@ import torch
 from longctx.cache.model_state import ModelState
 from longctx.generation.fast_decode import fast_decoder
 from longctx.generation.sampling import check_sampling, sample_next
+from longctx.generation.speculative import DRAFTS, DraftLength, LookupDraft, accept
 
 
 def _as_batch(ids) -> torch.Tensor:
@@ -33,6 +34,8 @@ def stream(
     seed: int | None = None,
     stop: Iterable[int] = (),
     state: ModelState | None = None,
+    draft: str | None = None,
+    draft_tokens: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the new tokens one step at a time, each ``(batch,)``.
 
@@ -47,8 +50,15 @@ def stream(
     may want); it waits in ``state.extra["pending"]`` and is fed first on the next call.
     Without a ``seed``, sampling continues the RNG kept in ``state.extra["rng"]`` (seeded
     from torch's global RNG the first time).
+
+    ``draft="lookup"`` decodes speculatively (``longctx.generation.speculative``): the same
+    output as without it for greedy decoding, the same distribution when sampling, for
+    batch 1 and states that can forget tokens (dense KV caches); ``draft_tokens`` fixes the
+    draft length (default: adaptive).  The lookup sees this call's ``ids`` and output.
     """
     check_sampling(temperature, top_k, top_p)
+    if draft is not None and draft not in DRAFTS:
+        raise ValueError(f"draft must be one of {', '.join(DRAFTS)}; got {draft!r}")
     if max_new_tokens is not None and max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, or None for no limit; got {max_new_tokens}")
     ids = _as_batch(ids).to(next(model.parameters()).device)
@@ -63,6 +73,9 @@ def stream(
         ids = torch.cat([pending.to(ids.device), ids.expand(pending.shape[0], -1)], dim=1)
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos_id)")
+    if draft is not None:
+        _check_speculative(state, ids)
+        length = DraftLength(draft_tokens)
     limit = model.position_limit(state)
     seen = state.seq_len
     if max_new_tokens is None:
@@ -91,6 +104,10 @@ def stream(
     check_stop = len(stop_ids) > 0 or bool(done.any())
     # one-token steps in two kernel calls per layer where the model allows (fast_decode)
     fast_step = fast_decoder(model, state) if ids.device.type == "cpu" else None
+    if draft is not None:
+        yield from _speculate(model, state, ids, logits, max_new_tokens, LookupDraft(), length,
+                              fast_step, stop_ids, generator, dict(temperature=temperature, top_k=top_k, top_p=top_p))
+        return
     state.extra["done"] = done.clone()
     state.extra["rng"] = generator.get_state()
     for step in range(max_new_tokens):
@@ -108,6 +125,55 @@ def stream(
             return
         del state.extra["pending"]
         logits = model(ids, state, last_only=True)[:, -1] if fast_step is None else fast_step(ids)
+
+
+def _check_speculative(state: ModelState, ids: torch.Tensor) -> None:
+    if ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding runs one sequence at a time; got a batch of {ids.shape[0]}")
+    state.rewind(0)  # rejected drafts leave the state this way: refused here by states that cannot
+
+
+def _speculate(model, state: ModelState, ids, logits, max_new_tokens: int, lookup: LookupDraft, length: DraftLength,
+               fast_step, stop_ids, generator, sampling: dict) -> Iterator[torch.Tensor]:
+    """``stream``'s loop with drafts: each pass feeds the pending token and the drafts,
+    yields the tokens ``accept`` keeps, and leaves the state holding every token before the
+    pending one (also when the caller stops early: ``surplus`` is rewound on exit)."""
+    lookup.extend(ids[0].tolist())
+    limit = model.position_limit(state)
+    queue = [int(sample_next(logits, **sampling, generator=generator))]
+    emitted, surplus = 0, 0
+    try:
+        while True:
+            for i, token in enumerate(queue):
+                surplus = len(queue) - 1 - i  # fed tokens after the one now pending
+                if sampling["temperature"] > 0:
+                    state.extra["rng"] = generator.get_state()
+                done = bool(torch.isin(torch.tensor(token), stop_ids))
+                if done:
+                    state.extra["done"] = torch.ones(1, dtype=torch.bool)
+                pending = torch.tensor([[token]], device=ids.device)
+                state.extra["pending"] = pending
+                yield pending[0]
+                emitted += 1
+                if emitted == max_new_tokens or done:
+                    return
+            lookup.extend(queue)
+            room = max_new_tokens - emitted - 1  # drafts + 1 tokens may come out of a pass
+            if limit is not None:
+                room = min(room, limit - state.seq_len - 1)
+            drafts = lookup.propose(min(length.k, max(room, 0)))
+            del state.extra["pending"]
+            if not drafts:
+                step = model(pending, state, last_only=True)[:, -1] if fast_step is None else fast_step(pending)
+                queue = [int(sample_next(step, **sampling, generator=generator))]
+                continue
+            fed = torch.tensor([[int(pending)] + drafts], device=ids.device)
+            queue = accept(model(fed, state)[0], drafts, **sampling, generator=generator)
+            state.rewind(len(drafts) + 1 - len(queue))  # the rejected drafts
+            length.update(len(drafts), len(queue) - 1)
+    finally:
+        if surplus:
+            state.rewind(surplus)
 
 
 def generate(model, ids, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -18,17 +18,11 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         warnings.warn("top_k and top_p are ignored with temperature 0 (greedy)", stacklevel=3)
 
 
-def sample_next(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
+def next_token_probs(
+    logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
 ) -> torch.Tensor:
-    """``logits (batch, vocab) -> token ids (batch,)``.  ``temperature == 0`` is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    """``logits (..., vocab) -> probabilities (..., vocab)`` that sampling draws from, after
+    temperature, top-k and top-p (``temperature > 0``)."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -42,5 +36,19 @@ def sample_next(
         cut = (sorted_probs.cumsum(dim=-1) < top_p).sum(dim=-1, keepdim=True).clamp_max(probs.shape[-1] - 1)
         threshold = sorted_probs.gather(-1, cut)
         logits = logits.masked_fill(probs < threshold, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``logits (batch, vocab) -> token ids (batch,)``.  ``temperature == 0`` is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

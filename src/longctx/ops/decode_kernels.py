@@ -183,14 +183,14 @@ def _attend(q, k_cache, v_cache, lo, hi, heads, scale, out, chunks):
 
 @jit(**_FAST)
 def attention_out_mlp(x, qkv, k_cache, v_cache, lo, hi, heads, scale, out_w, out_b, norm_w, eps,
-                      gate_up_w, down_w, hidden):
+                      gate_up_w, down_w, hidden, chunks):
     """The rest of the block after the cache took this step's k and v: returns
     ``y + W_down (silu(gate) * up)`` with ``y = x + W_out attention(q, cache) + b_out`` and
     ``gate, up = W_gate_up rms_norm(y)`` (``hidden`` each).  q is the start of ``qkv``; the
     cache holds positions ``lo .. hi - 1`` (this step's last)."""
     dim = k_cache.shape[2]
     attended = np.empty(heads * dim, dtype=_F32)
-    _attend(qkv[: heads * dim], k_cache, v_cache, lo, hi, heads, scale, attended, 2 * numba.get_num_threads())
+    _attend(qkv[: heads * dim], k_cache, v_cache, lo, hi, heads, scale, attended, chunks)
     y = np.empty_like(x)
     linear(out_w, out_b, attended, y)
     for i in range(x.shape[0]):

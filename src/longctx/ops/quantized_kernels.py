@@ -28,6 +28,10 @@ from longctx.ops.numba_math import jit, no_overlap, wide_vectors
 
 _FAST = dict(fastmath=True, error_model="numpy", boundscheck=False)
 _F32, _U8 = np.float32, np.uint8
+# Parallel items of the int4 matvec: enough for 16 threads, few enough that each one's
+# scratch is allocated once for many blocks.  (numba.get_num_threads() inside a kernel
+# would keep numba from caching it and every kernel that calls it.)
+ITEMS = 16
 
 
 @jit(parallel=True, **_FAST)
@@ -76,8 +80,7 @@ def _int4_block(x, group_sums, packed, scale, low, out, acc, total, block):
 def int4_matvec(x, packed, scale, low, out):
     """``out (M, N) = x (M, K) @ W^T`` with W the int4 weight ``(packed, scale, low)`` of
     ``longctx.ops.quantized``: per group, ``sum_k x_k (q_k s + l) = s sum_k x_k q_k + l sum_k x_k``.
-    One parallel item per thread, each a contiguous run of channel blocks."""
-    threads = numba.get_num_threads()
+    ``ITEMS`` parallel items, each a contiguous run of channel blocks with its own scratch."""
     m_rows, k_size = x.shape
     groups = scale.shape[1]
     group = k_size // groups
@@ -89,10 +92,11 @@ def int4_matvec(x, packed, scale, low, out):
                 s += x[m, k]
             group_sums[m, g] = s
     blocks = packed.shape[0]
-    for t in numba.prange(threads):  # contiguous blocks per thread, scratch allocated once each
+    items = min(ITEMS, blocks)
+    for t in numba.prange(items):
         acc = np.empty(packed.shape[2], dtype=_F32)
         total = np.empty(packed.shape[2], dtype=_F32)
-        for block in range(t * blocks // threads, (t + 1) * blocks // threads):
+        for block in range(t * blocks // items, (t + 1) * blocks // items):
             _int4_block(x, group_sums, packed, scale, low, out, acc, total, block)
 
 
