@@ -129,6 +129,37 @@ def _softmax_in_place(scores, count):
     return top, total
 
 
+@jit(**_FAST)
+def _attend_piece(q, keys, values, s0, s1, scale, top, total, acc):
+    """The ``group`` query heads ``q (group, dim)`` of one kv head over its positions
+    ``s0 .. s1 - 1`` of ``keys``/``values (capacity, dim)``: each head's max score, sum of
+    exponentials and weighted values into ``top``, ``total (group,)`` and ``acc (group,
+    dim)``.  Loops run over contiguous rows, which LLVM vectorises."""
+    wide_vectors()
+    group, dim = q.shape
+    scores = np.empty((group, s1 - s0), dtype=_F32)
+    qs = q * scale
+    for s in range(s0, s1):
+        key = keys[s]
+        for g in range(group):
+            dot = _F32(0.0)
+            row = qs[g]
+            for d in range(dim):
+                dot += row[d] * key[d]
+            scores[g, s - s0] = dot
+    out = np.zeros((group, dim), dtype=_F32)
+    for g in range(group):
+        top[g], total[g] = _softmax_in_place(scores[g], s1 - s0)
+    for s in range(s0, s1):
+        value = values[s]
+        for g in range(group):
+            p = scores[g, s - s0]
+            row = out[g]
+            for d in range(dim):
+                row[d] += p * value[d]
+    acc[:] = out
+
+
 @jit(parallel=True, **_FAST)
 def _attend(q, k_cache, v_cache, lo, hi, heads, scale, out, chunks):
     """One query per head attending to cached positions ``lo .. hi - 1``.
@@ -148,23 +179,9 @@ def _attend(q, k_cache, v_cache, lo, hi, heads, scale, out, chunks):
     for item in numba.prange(kv_heads * chunks):
         hk, c = item // chunks, item % chunks
         s0, s1 = lo + c * n // chunks, lo + (c + 1) * n // chunks
-        scores = np.empty((group, s1 - s0), dtype=_F32)
-        for s in range(s0, s1):
-            for g in range(group):
-                qh = (hk * group + g) * dim
-                acc = _F32(0.0)
-                for d in range(dim):
-                    acc += q[qh + d] * k_cache[hk, s, d]
-                scores[g, s - s0] = acc * scale
-        for g in range(group):
-            top, total = _softmax_in_place(scores[g], s1 - s0)
-            part_m[hk * group + g, c] = top
-            part_l[hk * group + g, c] = total
-        for s in range(s0, s1):
-            for g in range(group):
-                p = scores[g, s - s0]
-                for d in range(dim):
-                    part_acc[hk * group + g, c, d] += p * v_cache[hk, s, d]
+        _attend_piece(q[hk * group * dim : (hk + 1) * group * dim].reshape((group, dim)), k_cache[hk], v_cache[hk],
+                      s0, s1, scale, part_m[hk * group : (hk + 1) * group, c],
+                      part_l[hk * group : (hk + 1) * group, c], part_acc[hk * group : (hk + 1) * group, c])
     for h in range(heads):
         top = -np.inf
         for c in range(chunks):
