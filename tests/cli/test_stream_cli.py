@@ -68,6 +68,34 @@ def test_generate_cache_errors(run, capsys):
     assert "sink" in capsys.readouterr().err
 
 
+RECALL = ["--cache", "recall", "--sinks", "2", "--window", "16", "--block-size", "4", "--blocks", "2",
+          "--repr-tokens", "2"]
+
+
+def test_recall_in_generate_and_stream_eval(run, tmp_path, capsys):
+    # 124 tokens through 2 sinks, a window of 16 and blocks of 4 on disk, in one session or two.
+    state = split_session(run, [*RECALL, "--memory-dir", str(tmp_path / "mem")], tmp_path, capsys, 60, 60)
+    assert int(state["layers.0.block_k"].shape[0]) == (int(state["seq_len"]) - 2 - 16) // 4
+    assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == ["layer_0", "layer_1"]
+    stream = ["stream-eval", str(run), "--data", str(run.parent / "corpus"), "--tokens", "81", "--segment", "40",
+              "--quiet", "--json"]
+    assert main([*stream, *RECALL[:1], "sinks,recall", *RECALL[2:]]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["recall"]["tokens"] == 80 and report["recall"]["span"] == 2 + 3 * 4 + 16
+    assert report["sinks"]["span"] == 2 + 16
+
+
+def test_recall_option_errors(run, capsys):
+    gen = ["generate", str(run), "--prompt", "def f", "--max-new-tokens", "2"]
+    assert main([*gen, "--cache", "sinks", "--block-size", "4", "--memory-dir", "m"]) == 2
+    assert "--block-size, --memory-dir apply to --cache recall only" in capsys.readouterr().err
+    assert main([*gen, *RECALL, "--window", "3"]) == 2
+    assert "window (3) is smaller than a block (4)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*gen, *RECALL, "--blocks", "0"])
+    assert "--blocks: must be a positive integer; got '0'" in capsys.readouterr().err
+
+
 def test_chat_keeps_one_session_and_saves_it(run, tmp_path, capsys, monkeypatch):
     state = tmp_path / "chat.safetensors"
     chat = ["chat", str(run), "--temperature", "0", "--max-new-tokens", "10", "--template", "{prompt}\n",

@@ -118,6 +118,19 @@ def test_sinks_and_window_larger_than_the_stream_equal_dense(layers):
     dense = stream_nll(model, ids, cache="dense").nll
     np.testing.assert_array_equal(stream_nll(model, ids, cache="sinks", sinks=4, window=30).nll, dense)
     np.testing.assert_array_equal(stream_nll(model, ids, cache="window", window=29).nll, dense)
+    recall = stream_nll(model, ids, cache="recall", sinks=4, window=28, recall=dict(block=4))
+    np.testing.assert_allclose(recall.nll, dense, rtol=0, atol=ATOL)
+
+
+def test_recall_streams_past_its_window():
+    model, ids = _model(), _ids(60)
+    result = stream_nll(model, ids, cache="recall", sinks=2, window=8, recall=dict(block=4, topk=2, repr_tokens=2),
+                        segment=20)
+    assert result.tokens == 59 and np.isfinite(result.nll).all()
+    assert (result.sinks, result.window, result.span) == (2, 8, 2 + 3 * 4 + 8)
+    assert result.segments[-1].cache_bytes > result.segments[0].cache_bytes  # the blocks are kept
+    with pytest.warns(UserWarning, match="recall=.* is ignored with cache='sinks'"):
+        stream_nll(model, ids, cache="sinks", sinks=2, window=8, recall=dict(block=4))
 
 
 @pytest.mark.parametrize("pos", ["rope", "alibi"])
@@ -275,7 +288,7 @@ def test_bad_streams_and_models():
     with pytest.raises(ValueError, match="dilated attention layers take only cache='dense'"):
         stream_nll(dilated, _ids(10), cache="window", window=4)
     assert applicable_policies(dilated) == ("dense", "recompute")
-    assert applicable_policies(model) == ("dense", "window", "sinks", "recompute")
+    assert applicable_policies(model) == ("dense", "window", "sinks", "recall", "recompute")
 
 
 def test_model_without_attention_takes_the_state_policy_only():

@@ -7,8 +7,9 @@ The names load on first use (PEP 562), so ``longctx.cache.policy`` can be read w
 import importlib
 
 _EXPORTS = {
-    "CACHE_POLICIES": "policy", "DEFAULT_SINKS": "policy", "DEFAULT_WINDOW": "policy", "check_policy": "policy",
-    "LayerState": "base", "KVCache": "kv", "ModelState": "model_state", "SinkKVCache": "sink", "SSMState": "ssm",
+    "CACHE_POLICIES": "policy", "DEFAULT_SINKS": "policy", "DEFAULT_WINDOW": "policy", "RECALL_DEFAULTS": "policy",
+    "check_policy": "policy", "LayerState": "base", "KVCache": "kv", "ModelState": "model_state",
+    "RecallCache": "recall", "SinkKVCache": "sink", "SSMState": "ssm",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -11,6 +11,9 @@ predicted, never fed).  At every step the query of the newest token ``ids[i]`` a
   ``0 .. window - 1`` inside the cache (``init_state(cache="window")``).
 - ``sinks``: the first ``sinks`` tokens plus the last ``window``, at positions
   ``0 .. kept - 1`` inside the cache (``init_state(cache="sinks")``, StreamingLLM).
+- ``recall``: the first ``sinks`` tokens, the last ``window``, and the blocks of the tokens
+  between them that the query retrieves (``init_state(cache="recall")``, InfLLM; options
+  ``recall``: ``block``, ``topk``, ``repr_tokens``, ``memory_dir``, ``positions``).
 - ``recompute``: "sliding window with re-computation", the paper's baseline of the same
   size: the last ``L = sinks + window`` tokens are encoded from scratch (fresh positions
   ``0 .. L - 1``, every layer recomputed) and the last position predicts the next token.
@@ -23,11 +26,12 @@ models the two differ (the paper compares them as different methods, Table 1).  
 bounded policies count the current token in their ``L`` tokens; the official
 ``eval_long_ppl.py`` evicts after the step, so its ``4 + 1020`` attends to 1025 tokens.
 
-State-space layers keep their whole-stream recurrent state under ``dense``, ``window`` and
-``sinks`` (the options choose the attention layers' caches); ``recompute`` re-runs them from
-a zero state over each window.  A model without attention layers has no cache to choose:
-its only policy is ``state`` (carry the recurrent state over the whole stream), and the
-cache policies raise ``ValueError`` for it (``state`` likewise for models with attention).
+State-space layers keep their whole-stream recurrent state under ``dense``, ``window``,
+``sinks`` and ``recall`` (the options choose the attention layers' caches); ``recompute``
+re-runs them from a zero state over each window.  A model without attention layers has no
+cache to choose: its only policy is ``state`` (carry the recurrent state over the whole
+stream), and the cache policies raise ``ValueError`` for it (``state`` likewise for models
+with attention).
 
 Per segment of ``segment`` predictions: mean nll and perplexity, milliseconds per token
 (wall time of the segment's model calls and loss), the process's resident memory (RSS, from
@@ -50,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from longctx.cache import CACHE_POLICIES, DEFAULT_SINKS, DEFAULT_WINDOW, KVCache, SinkKVCache
+from longctx.cache import (CACHE_POLICIES, DEFAULT_SINKS, DEFAULT_WINDOW, RECALL_DEFAULTS, KVCache, RecallCache,
+                           SinkKVCache)
 from longctx.eval.plotting import pyplot, save_figure
 from longctx.validation import positive_int
 
@@ -154,8 +159,9 @@ def has_attention_cache(model) -> bool:
 
 def applicable_policies(model) -> tuple[str, ...]:
     """The policies ``stream_nll`` accepts for ``model``: ``("state",)`` without attention
-    layers; otherwise ``dense`` and ``recompute``, plus ``window`` and ``sinks`` when every
-    attention layer can take such a cache (not dilated attention, not learned positions)."""
+    layers; otherwise ``dense`` and ``recompute``, plus ``window``, ``sinks`` and ``recall``
+    when every attention layer can take such a cache (not dilated attention, not learned
+    positions)."""
     if not has_attention_cache(model):
         return ("state",)
     try:
@@ -190,6 +196,7 @@ def stream_nll(
     cache: str,
     sinks: int | None = None,
     window: int | None = None,
+    recall: dict | None = None,
     segment: int = 256,
     max_len: int | None = None,
     on_limit: str = "error",
@@ -198,12 +205,14 @@ def stream_nll(
     progress: bool = False,
 ) -> StreamResult:
     """Token-by-token nll of the stream ``ids`` (``(time,)`` or ``(1, time)``) under the policy
-    ``cache`` (``dense``, ``window``, ``sinks``, ``recompute``; ``state`` for models without
-    attention layers), with statistics every ``segment`` predictions.
+    ``cache`` (``dense``, ``window``, ``sinks``, ``recall``, ``recompute``; ``state`` for
+    models without attention layers), with statistics every ``segment`` predictions.
 
     ``sinks`` (default 4) and ``window`` (default 1020): the cache of ``sinks``; ``window``
-    alone for ``window``; ``recompute`` re-encodes ``sinks + window`` tokens.  Out-of-range
-    values raise the caches' own ``ValueError``; options a policy does not use warn.
+    alone for ``window``; ``recompute`` re-encodes ``sinks + window`` tokens.  ``recall``
+    takes ``sinks``, ``window`` and the options in ``recall`` (``init_state``'s), with the
+    defaults ``RECALL_DEFAULTS``.  Out-of-range values raise the caches' own
+    ``ValueError``; options a policy does not use warn.
 
     ``dense`` (and ``state``, for a model with ``max_seq_len``) needs ``N - 1`` positions for
     ``N`` tokens: beyond ``model.position_limit`` or ``max_len`` (a cap on the dense cache's
@@ -227,9 +236,10 @@ def stream_nll(
     positive_int("recompute_every", recompute_every)
     if on_limit not in ON_LIMIT:
         raise ValueError(f"on_limit must be one of {', '.join(ON_LIMIT)}; got {on_limit!r}")
-    _check_policy(model, cache, sinks, window, max_len)
-    sinks = DEFAULT_SINKS if sinks is None else sinks
-    window = DEFAULT_WINDOW if window is None else window
+    _check_policy(model, cache, sinks, window, recall, max_len)
+    defaults = RECALL_DEFAULTS if cache == "recall" else {"sinks": DEFAULT_SINKS, "window": DEFAULT_WINDOW}
+    sinks = defaults["sinks"] if sinks is None else sinks
+    window = defaults["window"] if window is None else window
 
     device = next(model.parameters()).device
     ids = _as_stream(ids, device, model.config.vocab_size)
@@ -240,12 +250,13 @@ def stream_nll(
             if cache == "recompute":
                 return _stream_recompute(model, ids, sinks, window, segment, recompute_batch, recompute_every,
                                          progress)
-            return _stream_stateful(model, ids, cache, sinks, window, segment, max_len, on_limit, progress)
+            return _stream_stateful(model, ids, cache, sinks, window, recall or {}, segment, max_len, on_limit,
+                                    progress)
     finally:
         model.train(was_training)
 
 
-def _check_policy(model, cache: str, sinks, window, max_len) -> None:
+def _check_policy(model, cache: str, sinks, window, recall, max_len) -> None:
     """Refuse a policy that does not apply to ``model``; warn about options it ignores."""
     attention = has_attention_cache(model)
     if attention and cache == "state":
@@ -256,9 +267,10 @@ def _check_policy(model, cache: str, sinks, window, max_len) -> None:
                          f"the cache policy {cache!r} does not apply; use cache='state', which carries the "
                          "recurrent state over the whole stream")
     ignored = {
-        "dense": ("sinks", "window"), "state": ("sinks", "window"), "window": ("sinks",), "sinks": (), "recompute": (),
-    }[cache]
-    given = {"sinks": sinks, "window": window}
+        "dense": ("sinks", "window"), "state": ("sinks", "window"), "window": ("sinks",), "sinks": (), "recall": (),
+        "recompute": (),
+    }[cache] + (() if cache == "recall" else ("recall",))
+    given = {"sinks": sinks, "window": window, "recall": recall}
     for name in ignored:
         if given[name] is not None:
             warnings.warn(f"{name}={given[name]} is ignored with cache={cache!r}", stacklevel=3)
@@ -282,21 +294,22 @@ def _stream_recompute(model, ids, sinks: int, window: int, segment: int, batch: 
     return result
 
 
-def _stream_stateful(model, ids, cache: str, sinks: int, window: int, segment: int, max_len: int | None,
-                     on_limit: str, progress: bool) -> StreamResult:
+def _stream_stateful(model, ids, cache: str, sinks: int, window: int, recall: dict, segment: int,
+                     max_len: int | None, on_limit: str, progress: bool) -> StreamResult:
     """The stream token by token through a cache (or recurrent state), up to the position limit."""
     total = ids.shape[1] - 1  # predictions wanted
     options = {"dense": {}, "state": {}, "window": dict(cache="window", window=window),
-               "sinks": dict(cache="sinks", sinks=sinks, window=window)}[cache]
+               "sinks": dict(cache="sinks", sinks=sinks, window=window),
+               "recall": dict(cache="recall", sinks=sinks, window=window, **recall)}[cache]
     state = model.init_state(1, **options)
     limit, what = model.position_limit(state), "the model's position limit (model.max_seq_len)"
     if cache == "dense" and max_len is not None and (limit is None or max_len < limit):
         limit, what = max_len, "max_len"
     result = StreamResult(
         cache, np.empty(0, np.float32), [], ids.shape[1],
-        sinks=sinks if cache == "sinks" else 0,
-        window=window if cache in ("sinks", "window") else None,
-        span={"sinks": sinks + window, "window": window}.get(cache),
+        sinks=sinks if cache in ("sinks", "recall") else 0,
+        window=window if cache in ("sinks", "window", "recall") else None,
+        span={"sinks": sinks + window, "window": window}.get(cache, _recall_span(state)),
     )
     n = total
     if limit is not None and total > limit:
@@ -313,6 +326,12 @@ def _stream_stateful(model, ids, cache: str, sinks: int, window: int, segment: i
         result.notes.append(f"stopped after {limit} of {total} predictions: {what} is {limit}")
     _run_stateful(model, ids, state, n, segment, result, progress)
     return result
+
+
+def _recall_span(state) -> int | None:
+    """The most tokens a step of a state's recall caches attends to (None without them)."""
+    spans = [s.span for s in state.layers if isinstance(s, RecallCache)]
+    return max(spans) if spans else None
 
 
 def _segment(result: StreamResult, nll: torch.Tensor, start: int, end: int, t0: float, state) -> None:
@@ -389,8 +408,9 @@ def stream_compare(
     ids,
     policies=None,
     *,
-    sinks: int = DEFAULT_SINKS,
-    window: int = DEFAULT_WINDOW,
+    sinks: int | None = None,
+    window: int | None = None,
+    recall: dict | None = None,
     segment: int = 256,
     max_len: int | None = None,
     on_limit: str = "stop",
@@ -398,24 +418,31 @@ def stream_compare(
     recompute_every: int = 1,
     progress: bool = False,
 ) -> dict[str, StreamResult]:
-    """``stream_nll`` under several policies at one total cache size ``L = sinks + window``:
-    ``sinks`` keeps ``sinks`` + ``window``, ``window`` keeps the last ``L`` tokens (the paper's
-    window attention of the same size), ``recompute`` re-encodes ``L``; ``dense`` keeps all
-    and by default stops at its limit (``on_limit="stop"``) so the others go on.  ``policies``
-    defaults to ``applicable_policies(model)``.  Returns ``{policy: StreamResult}`` in order."""
-    policies = list(applicable_policies(model) if policies is None else policies)
+    """``stream_nll`` under several policies at one total cache size ``L = sinks + window``
+    (defaults 4 + 1020): ``sinks`` keeps ``sinks`` + ``window``, ``window`` keeps the last
+    ``L`` tokens (the paper's window attention of the same size), ``recompute`` re-encodes
+    ``L``; ``recall`` keeps ``sinks`` + ``window`` (defaults ``RECALL_DEFAULTS``) and
+    retrieves blocks (options ``recall``); ``dense`` keeps all and by default stops at its
+    limit (``on_limit="stop"``) so the others go on.  ``policies`` defaults to
+    ``applicable_policies(model)`` but ``recall`` (whose sizes are its own: name it to run
+    it).  Returns ``{policy: StreamResult}`` in order."""
+    if policies is None:
+        policies = [p for p in applicable_policies(model) if p != "recall"]
+    policies = list(policies)
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:
         raise ValueError(f"{f'unknown stream policies {unknown}' if unknown else 'no stream policy given'}; choose "
                          f"from {', '.join(POLICIES)}")
+    n_sink, n_window = DEFAULT_SINKS if sinks is None else sinks, DEFAULT_WINDOW if window is None else window
     if {"window", "sinks", "recompute"} & set(policies):
-        SinkKVCache(1, sinks, window)  # the sink cache's validation of both numbers
+        SinkKVCache(1, n_sink, n_window)  # the sink cache's validation of both numbers
     options = {
         "dense": dict(max_len=max_len, on_limit=on_limit),
         "state": dict(on_limit=on_limit),
-        "window": dict(window=sinks + window),
-        "sinks": dict(sinks=sinks, window=window),
-        "recompute": dict(sinks=sinks, window=window, recompute_batch=recompute_batch,
+        "window": dict(window=n_sink + n_window),
+        "sinks": dict(sinks=n_sink, window=n_window),
+        "recall": dict(sinks=sinks, window=window, recall=recall),
+        "recompute": dict(sinks=n_sink, window=n_window, recompute_batch=recompute_batch,
                           recompute_every=recompute_every),
     }
     results = {}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from longctx.cache import DEFAULT_SINKS, DEFAULT_WINDOW, KVCache, SinkKVCache, check_policy
+from longctx.cache import (DEFAULT_SINKS, DEFAULT_WINDOW, RECALL_DEFAULTS, KVCache, RecallCache, SinkKVCache,
+                           check_policy)
+from longctx.layers.recall import CHUNK, recall_attention
 from longctx.layers.registry import register_mixer
 from longctx.ops.alibi import alibi_slopes
 from longctx.ops.attention import attention
@@ -21,7 +25,9 @@ class Attention(nn.Module):
     With a ``SinkKVCache`` (``init_state(cache="sinks")`` or ``"window"``), new tokens attend
     to the kept tokens only and positions are counted inside the cache (StreamingLLM §3.2):
     with RoPE, distances are those between positions ``0 .. kept - 1`` in cache order (see
-    ``_attend_in_cache``); ALiBi measures distances in cache order.
+    ``_attend_in_cache``); ALiBi measures distances in cache order.  With a ``RecallCache``
+    (``init_state(cache="recall")``), ``longctx.layers.recall.recall_attention`` attends to the
+    sinks, the window and the blocks retrieved for each chunk of queries.
 
     ``model.attn_window`` (sliding-window attention, Mistral) limits each query to itself
     and the ``attn_window - 1`` tokens before it; a ``KVCache`` then drops the keys no later
@@ -36,6 +42,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.pos, self.rope_theta, self.rope_scaling = config.pos, config.rope_theta, config.rope_scaling
         self.max_seq_len, self.window = config.max_seq_len, config.attn_window
+        self.layer_idx, self.context_len = layer_idx, config.context_len
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.qkv = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.attn_bias)
         self.out = nn.Linear(q_dim, config.d_model, bias=config.attn_out_bias)
@@ -45,41 +52,82 @@ class Attention(nn.Module):
         )
 
     def init_state(
-        self, batch_size: int, max_len: int | None = None, cache: str = "dense", sinks: int = DEFAULT_SINKS,
-        window: int = DEFAULT_WINDOW,
-    ) -> KVCache | SinkKVCache:
+        self, batch_size: int, max_len: int | None = None, cache: str = "dense", sinks: int | None = None,
+        window: int | None = None, block: int | None = None, topk: int | None = None,
+        repr_tokens: int | None = None, memory_dir: str | Path | None = None, positions: str | None = None,
+    ) -> KVCache | SinkKVCache | RecallCache:
         """An empty cache for ``batch_size`` sequences, by policy:
 
         - ``"dense"``: a ``KVCache`` of every token (``max_len``, when known, sizes it once);
         - ``"sinks"``: a ``SinkKVCache`` of the first ``sinks`` tokens and the last ``window``
           (StreamingLLM; the defaults ``DEFAULT_SINKS`` + ``DEFAULT_WINDOW`` are the paper's 4 + 1020);
-        - ``"window"``: the last ``window`` tokens only (``sinks`` is ignored).
+        - ``"window"``: the last ``window`` tokens only (``sinks`` is ignored);
+        - ``"recall"``: a ``RecallCache`` (InfLLM): ``sinks``, ``window``, and the tokens between
+          them in blocks of ``block``, ``topk`` of which each chunk of queries retrieves by
+          ``repr_tokens`` representative keys; ``positions`` places the retrieved keys
+          (``"fixed"`` or ``"ordered"``); defaults ``RECALL_DEFAULTS``.  With ``memory_dir``
+          the blocks of this layer go to memory-mapped files in ``memory_dir/layer_{i}``.
 
-        Sink and window caches have a fixed size (``max_len`` is ignored) and refuse
-        ``pos = "learned"``: learned embeddings are added to the token embeddings with
-        absolute positions before any layer, so cached tokens cannot be re-positioned.
-        With ``model.max_seq_len`` set, the cache may hold at most that many positions.
+        Sink, window and recall caches need no ``max_len`` and refuse ``pos = "learned"``:
+        learned embeddings are added to the token embeddings with absolute positions before
+        any layer, so cached tokens cannot be re-positioned.  With ``model.max_seq_len`` or
+        ``model.attn_window`` set, a query may reach at most that many positions back; a
+        recall query attends to at most ``model.context_len`` tokens (``RecallCache.span``).
         """
-        if check_policy(cache) == "dense":
+        recall = dict(block=block, topk=topk, repr_tokens=repr_tokens, memory_dir=memory_dir, positions=positions)
+        given = [name for name, value in recall.items() if value is not None]
+        if check_policy(cache) != "recall" and given:
+            raise ValueError(f"{', '.join(given)} apply to cache='recall' only; got cache={cache!r}")
+        if cache == "dense":
             return KVCache(batch_size, max_len)
-        state = SinkKVCache(batch_size, sinks if cache == "sinks" else 0, window)
         if self.pos == "learned":
             raise ValueError(f"a {cache!r} cache needs positions inside the cache, but pos = 'learned' embeds "
                              "absolute positions in the input; use cache='dense' or a model with rope, alibi or none")
-        if self.max_seq_len is not None and state.capacity > self.max_seq_len:
-            raise ValueError(f"the cache keeps up to {state.capacity} positions, more than this model's limit of "
-                             f"{self.max_seq_len} (model.max_seq_len); use a smaller window or fewer sinks")
-        if self.window is not None and state.capacity > self.window:
-            raise ValueError(f"the cache keeps up to {state.capacity} tokens, more than this model's attention "
-                             f"window of {self.window} (model.attn_window) lets a query see; use sinks + window <= "
-                             f"{self.window}, or cache='dense' (which keeps only the window already)")
+        if cache == "recall":
+            return self._recall_state(batch_size, sinks, window, recall)
+        n_sink = (DEFAULT_SINKS if sinks is None else sinks) if cache == "sinks" else 0
+        state = SinkKVCache(batch_size, n_sink, DEFAULT_WINDOW if window is None else window)
+        self._check_reach(state.capacity, "the cache keeps up to {} positions", "a smaller window or fewer sinks")
         return state
 
-    def forward(self, x: torch.Tensor, state: KVCache | SinkKVCache | None = None) -> torch.Tensor:
+    def _recall_state(self, batch_size: int, sinks, window, recall: dict) -> RecallCache:
+        given = {"sinks": sinks, "window": window, **recall}
+        o = {**RECALL_DEFAULTS, **{name: value for name, value in given.items() if value is not None}}
+        if self.pos == "alibi" and o["positions"] == "ordered":
+            raise ValueError("ALiBi biases each retrieved key by its distance, one shift for all of them; with "
+                             "positions='ordered' the distances differ per key: use positions='fixed'")
+        memory = None if recall["memory_dir"] is None else Path(recall["memory_dir"]) / f"layer_{self.layer_idx}"
+        state = RecallCache(batch_size, o["sinks"], o["window"], o["block"], o["topk"], o["repr_tokens"], memory,
+                            o["positions"])
+        # A chunk's last query reaches back over the window and the chunk before it.
+        self._check_reach(state.window + CHUNK, "recall attention reaches back up to {} positions (the window "
+                          f"and a chunk of {CHUNK} queries)", "a smaller window")
+        if self.context_len is not None and state.span > self.context_len:  # recall keeps the model in it
+            fit = (self.context_len - state.n_sink - state.window) // state.block - 1
+            raise ValueError(f"a query would attend to up to {state.span} tokens (sinks, {state.topk} blocks of "
+                             f"{state.block}, pending tokens, the window), more than the {self.context_len} this "
+                             "model was trained on (model.context_len); "
+                             + (f"retrieve at most {fit} blocks" if fit >= 1 else "use a smaller window"))
+        return state
+
+    def _check_reach(self, reach: int, what: str, fix: str) -> None:
+        """Refuse a cache whose queries reach back farther than ``model.max_seq_len`` or
+        ``model.attn_window`` (``what`` formats ``reach``)."""
+        if self.max_seq_len is not None and reach > self.max_seq_len:
+            raise ValueError(f"{what.format(reach)}, more than this model's limit of {self.max_seq_len} "
+                             f"(model.max_seq_len); use {fix}")
+        if self.window is not None and reach > self.window:
+            raise ValueError(f"{what.format(reach)}, more than this model's attention window of {self.window} "
+                             f"(model.attn_window) lets a query see; use {fix}, or cache='dense' (which keeps "
+                             "only the window already)")
+
+    def forward(self, x: torch.Tensor, state: KVCache | SinkKVCache | RecallCache | None = None) -> torch.Tensor:
         batch, time, _ = x.shape
         qkv = self.qkv(x)
         if isinstance(state, SinkKVCache):
             return self.out(self._attend_in_cache(qkv, state).reshape(batch, time, -1))
+        if isinstance(state, RecallCache):
+            return self.out(recall_attention(self, *self._heads(qkv, None, 0), state).reshape(batch, time, -1))
         start = 0 if state is None else state.seq_len
         positions = self.positions(start, time, x.device) if self.pos == "rope" else None
         q, k, v = self._heads(qkv, positions, start + time)
@@ -100,11 +148,13 @@ class Attention(nn.Module):
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
         qk = qkv[..., : (heads + kv_heads) * dim].view(batch, time, heads + kv_heads, dim)
         if positions is not None:
-            qk = self._rope(qk, positions, seq_len)
+            qk = self.rotate(qk, positions, seq_len)
         v = qkv[..., (heads + kv_heads) * dim :].view(batch, time, kv_heads, dim)
         return qk[:, :, :heads], qk[:, :, heads:], v
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """RoPE of ``x (batch, time, heads, head_dim)`` at ``positions (time,)`` in a sequence of
+        ``seq_len`` tokens (which ``"dynamic"`` scaling follows), with this layer's theta and scaling."""
         return rope(x, positions, self.rope_theta, scaling=self.rope_scaling, seq_len=seq_len)
 
     def _attend_in_cache(self, qkv, state: SinkKVCache) -> torch.Tensor:
@@ -126,7 +176,7 @@ class Attention(nn.Module):
         q, k, v = self._heads(qkv, self.positions(state.seq_len, time, qkv.device), span)
 
         def shift_sinks(sinks: torch.Tensor, evicted: int) -> torch.Tensor:
-            return self._rope(sinks, torch.full((sinks.shape[1],), evicted, device=sinks.device), span)
+            return self.rotate(sinks, torch.full((sinks.shape[1],), evicted, device=sinks.device), span)
 
         k, v = state.update(k, v, shift_sinks)
         return self.attend(q, k, v, 0, state)

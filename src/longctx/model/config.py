@@ -35,7 +35,8 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int | None = None  # absolute limit; required by pos="learned"
     # The context length the weights were trained for (Hugging Face's max_position_embeddings):
-    # informational, never enforced (max_seq_len is the limit); to_hf writes it back.
+    # informational, never enforced (max_seq_len is the limit) but by recall caches, which keep
+    # a query's span within it; to_hf writes it back.
     context_len: int | None = None
     mlp_hidden: int | None = None  # SwiGLU width; None: 8/3 d_model rounded up to 64; 0: no MLP
     norm_eps: float = 1e-5

@@ -11,12 +11,18 @@ from torch import nn
 from longctx.cache.io import load_state, save_state
 from longctx.cache.kv import KVCache
 from longctx.cache.model_state import ModelState
+from longctx.cache.recall import RecallCache
 from longctx.cache.sink import SinkKVCache
 from longctx.layers import Block, RMSNorm, mixer_names
 from longctx.layers.attention import Attention
 from longctx.layers.quantized import QuantizedLinear
+from longctx.layers.recall import CHUNK
 from longctx.model.config import ConfigError, ModelConfig
 from longctx.ops.dilated import attended_pairs
+
+# Tokens per piece of a long input through a state with recall caches (LanguageModel.forward):
+# a multiple of the layers' chunk, so that they attend in the chunks of one pass.
+RECALL_PIECE = 4 * CHUNK
 
 
 class LanguageModel(nn.Module):
@@ -27,6 +33,10 @@ class LanguageModel(nn.Module):
     for the positions of ``b``.  ``last_only=True`` gives the last position's logits only,
     ``(batch, 1, vocab_size)``: what generation needs after a prompt, without the LM head's
     matmul and memory for every prompt position.
+
+    A state with recall caches takes a long input in pieces of ``RECALL_PIECE`` tokens
+    through the whole model (its layers attend in the same chunks as in one pass), so
+    activations are those of one piece however long the prompt.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -71,7 +81,9 @@ class LanguageModel(nn.Module):
 
         ``cache_options`` choose the attention layers' KV cache (``Attention.init_state``):
         ``cache="dense"`` (default), ``"sinks"`` (``sinks``, ``window``: StreamingLLM, which
-        streams past ``model.max_seq_len`` in constant memory) or ``"window"``.  State-space
+        streams past ``model.max_seq_len`` in constant memory), ``"window"`` or ``"recall"``
+        (sinks, window and retrieved blocks: InfLLM; ``block``, ``topk``, ``repr_tokens``,
+        ``memory_dir``, ``positions``).  State-space
         layers keep a fixed-size state whatever the options, so they do not receive them.
         """
         return ModelState(
@@ -83,10 +95,11 @@ class LanguageModel(nn.Module):
     def position_limit(self, state: ModelState | None = None) -> int | None:
         """The most tokens a sequence may have, counting those ``state`` has seen:
         ``model.max_seq_len``, or None (no limit) when every attention layer of ``state``
-        holds a sink or window cache, whose positions stay inside the cache however long
+        holds a sink, window or recall cache, whose queries reach a bounded span however long
         the stream (those caches refuse learned, absolute positions)."""
-        caches = [] if state is None else [s for s in state.layers if isinstance(s, (KVCache, SinkKVCache))]
-        if caches and all(isinstance(s, SinkKVCache) for s in caches):
+        bounded = (SinkKVCache, RecallCache)
+        caches = [] if state is None else [s for s in state.layers if isinstance(s, (KVCache, *bounded))]
+        if caches and all(isinstance(s, bounded) for s in caches):
             return None
         return self.config.max_seq_len
 
@@ -129,6 +142,10 @@ class LanguageModel(nn.Module):
             )
 
     def forward(self, ids: torch.Tensor, state: ModelState | None = None, *, last_only: bool = False) -> torch.Tensor:
+        if state is not None and ids.shape[1] > RECALL_PIECE and any(isinstance(s, RecallCache) for s in state.layers):
+            pieces = [self(ids[:, i : i + RECALL_PIECE], state, last_only=last_only)
+                      for i in range(0, ids.shape[1], RECALL_PIECE)]
+            return pieces[-1] if last_only else torch.cat(pieces, 1)
         start = 0 if state is None else state.seq_len
         # With model.sink_token, a fresh sequence starts with the learned sink (position 0);
         # its output is dropped, and a state counts it among the tokens seen.
