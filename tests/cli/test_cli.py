@@ -262,3 +262,15 @@ def test_help_and_argument_errors_load_no_heavy_module():
             "print(sorted(m for m in ('torch', 'numba', 'transformers', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_generate_with_lookup_drafts_prints_the_same_greedy_text(trained, capsys):
+    prompt = "def f(x):\n    return x\n\n\ndef f(x):\n"
+    outputs = []
+    for extra in ([], ["--draft", "lookup"], ["--draft", "lookup", "--draft-tokens", "3"]):
+        assert main(["generate", str(trained), "--prompt", prompt, "--max-new-tokens", "40", "--temperature", "0",
+                     *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert main(["generate", str(trained), "--prompt", "x", "--draft", "lookup", "--cache", "sinks"]) == 2
+    assert "use --cache dense, or no --draft" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from longctx.cache.policy import CACHE_POLICIES, DEFAULT_SINKS, DEFAULT_WINDOW
+from longctx.cache.policy import CACHE_POLICIES, DEFAULT_SINKS, DEFAULT_WINDOW, RECALL_DEFAULTS
 from longctx.cli.info import info
 from longctx.cli.tasks import add_task_commands
 from longctx.configs import preset_names
@@ -73,6 +73,9 @@ def _check_session_args(args: argparse.Namespace) -> None:
     if args.max_new_tokens < -1 or (args.max_new_tokens == -1 and args.command == "chat"):
         allowed = ">= 0" if args.command == "chat" else ">= 0, or -1 for no limit (until eos or Ctrl-C)"
         raise ValueError(f"--max-new-tokens must be {allowed}; got {args.max_new_tokens}")
+    if args.draft and args.cache != "dense":
+        raise ValueError(f"--draft drops rejected draft tokens from the cache, which --cache {args.cache} cannot "
+                         "do: use --cache dense, or no --draft")
 
 
 def _session(args: argparse.Namespace):
@@ -83,13 +86,28 @@ def _session(args: argparse.Namespace):
     _check_session_args(args)
     _, model, tokenizer, _ = load_run(args.run, args.checkpoint, args.weights)
     _need_tokenizer(tokenizer, args.run)
-    cache = {"cache": args.cache, "sinks": args.sinks, "window": args.window}
+    cache = {"cache": args.cache, "sinks": args.sinks, "window": args.window, **_recall_args(args, [args.cache])}
     state = model.load_state(args.load_state, **cache) if args.load_state else model.init_state(1, **cache)
     return model, tokenizer, state
 
 
+# The recall cache's options: init_state's name -> the command line's.
+RECALL_FLAGS = {"block": "--block-size", "topk": "--blocks", "repr_tokens": "--repr-tokens",
+                "memory_dir": "--memory-dir", "positions": "--recall-positions"}
+
+
+def _recall_args(args: argparse.Namespace, policies: list[str]) -> dict:
+    """The recall options given on the command line (init_state's names); refused unless
+    ``policies`` include recall."""
+    given = {name: getattr(args, name) for name in RECALL_FLAGS if getattr(args, name) is not None}
+    if given and "recall" not in policies:
+        raise ValueError(f"{', '.join(RECALL_FLAGS[name] for name in given)} apply to --cache recall only")
+    return given
+
+
 def _sampling(args: argparse.Namespace) -> dict:
-    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+            "draft": args.draft, "draft_tokens": args.draft_tokens}
 
 
 def _save_session(args: argparse.Namespace, model, state) -> None:
@@ -215,8 +233,9 @@ def _stream_eval(args: argparse.Namespace) -> int:
     tokens, _ = encode_corpus(args.data, tokenizer)
     ids = torch.as_tensor(tokens[: args.tokens], dtype=torch.long)
     policies = [p.strip() for p in args.cache.split(",") if p.strip()]
-    results = stream_compare(model, ids, policies, sinks=args.sinks, window=args.window, segment=args.segment,
-                             max_len=args.max_len, recompute_every=args.recompute_every, progress=not args.quiet)
+    results = stream_compare(model, ids, policies, sinks=args.sinks, window=args.window,
+                             recall=_recall_args(args, policies), segment=args.segment, max_len=args.max_len,
+                             recompute_every=args.recompute_every, progress=not args.quiet)
     if args.json:
         print(json.dumps({name: r.to_dict() for name, r in results.items()}))
     else:
@@ -245,6 +264,34 @@ def weights_option(p: argparse.ArgumentParser) -> None:
                         "(groups of 32 inputs) for faster decoding in less memory (default fp32)")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return int(text)
+
+
+def _cache_options(p: argparse.ArgumentParser) -> None:
+    """--sinks and --window (sinks, window, recompute and recall), and recall's own options."""
+    p.add_argument("--sinks", type=int, default=None,
+                   help=f"sink tokens (default {DEFAULT_SINKS}; recall {RECALL_DEFAULTS['sinks']})")
+    p.add_argument("--window", type=int, default=None,
+                   help=f"recent tokens (default {DEFAULT_WINDOW}; recall {RECALL_DEFAULTS['window']})")
+    recall = p.add_argument_group("recall cache (--cache recall: sinks, window and retrieved blocks, InfLLM)")
+    recall.add_argument("--block-size", dest="block", type=_positive, metavar="N",
+                        help=f"tokens per block (default {RECALL_DEFAULTS['block']})")
+    recall.add_argument("--blocks", dest="topk", type=_positive, metavar="K",
+                        help=f"blocks retrieved per step, top-k (default {RECALL_DEFAULTS['topk']})")
+    recall.add_argument("--repr-tokens", dest="repr_tokens", type=_positive, metavar="N",
+                        help=f"representative tokens per block (default {RECALL_DEFAULTS['repr_tokens']})")
+    recall.add_argument("--memory-dir", dest="memory_dir", metavar="DIR",
+                        help="keep the blocks in memory-mapped files under DIR (default: in RAM)")
+    recall.add_argument("--recall-positions", dest="positions", choices=("fixed", "ordered"),
+                        help="where retrieved keys sit for the query: all at the window's distance (fixed, "
+                             f"InfLLM's) or in stream order before the window (ordered); default "
+                             f"{RECALL_DEFAULTS['positions']}")
+
+
 def _session_options(p: argparse.ArgumentParser) -> None:
     """The options of commands that run a model on a session: generate and chat."""
     p.add_argument("run", help="run directory, Hugging Face checkpoint directory, GGUF file or installed model name "
@@ -253,15 +300,19 @@ def _session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--draft", choices=("lookup",), default=None,
+                   help="speculative decoding: drafts from prompt lookup (n-grams of the text so far), checked "
+                        "by the model in one pass each; the same output as without (greedy) or the same "
+                        "distribution (sampling); dense cache, attention models")
+    p.add_argument("--draft-tokens", type=_positive, default=None, metavar="N",
+                   help="tokens per draft (default: adaptive, 1-16)")
     p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
     weights_option(p)
     p.add_argument("--cache", choices=CACHE_POLICIES, default="dense",
                    help="attention KV cache: every token (dense), the first --sinks plus the last --window "
-                        "(sinks: StreamingLLM, constant memory however long), or the last --window only")
-    p.add_argument("--sinks", type=int, default=DEFAULT_SINKS,
-                   help=f"sink tokens kept with --cache sinks (default {DEFAULT_SINKS})")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                   help=f"recent tokens kept with --cache sinks|window (default {DEFAULT_WINDOW})")
+                        "(sinks: StreamingLLM, constant memory however long), the last --window only (window), "
+                        "or sinks, window and the blocks between them retrieved by relevance (recall: InfLLM)")
+    _cache_options(p)
     p.add_argument("--save-state", metavar="FILE", help="save the session (caches, states, sampler) when done")
     p.add_argument("--load-state", metavar="FILE",
                    help="continue a saved session (give the --cache options it was made with)")
@@ -321,12 +372,10 @@ def _add_eval_commands(sub) -> None:
     p.add_argument("run", help="run directory, Hugging Face checkpoint directory, GGUF file or installed model name")
     p.add_argument("--data", required=True, help="file, folder or glob; its documents make one stream")
     p.add_argument("--cache", default="sinks,recompute",
-                   help="policies, comma-separated: dense, window, sinks, recompute (attention models), "
-                        "state (recurrent models); default sinks,recompute")
-    p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help=f"sink tokens (default {DEFAULT_SINKS})")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                   help=f"recent tokens (default {DEFAULT_WINDOW}); window and recompute use sinks + window in all, "
-                        "like sinks")
+                   help="policies, comma-separated: dense, window, sinks, recall, recompute (attention models), "
+                        "state (recurrent models); default sinks,recompute.  window and recompute use sinks + "
+                        "window tokens in all, like sinks")
+    _cache_options(p)
     p.add_argument("--tokens", type=int, default=None, help="stream only the first N tokens")
     p.add_argument("--segment", type=int, default=256, help="tokens per reported segment")
     p.add_argument("--max-len", type=int, default=None, help="dense: stop after this many tokens")
