@@ -341,3 +341,23 @@ def test_compare_table_and_plot(tmp_path):
     path = plot_stream(results, tmp_path / "stream.png")
     assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
     assert plot_stream(results, tmp_path / "ppl.png", timing=False, memory=False).is_file()
+
+
+def test_compare_stops_dense_at_the_trained_length_and_pairs_subsampled_positions():
+    """Without max_len, dense stops at config.context_len (a RoPE model has no position limit
+    of its own); a policy evaluated every k-th position gets rows comparing every policy on
+    exactly those positions."""
+    model = _model()
+    model.config.context_len = 20
+    ids = _ids(41)
+    results = stream_compare(model, ids, ["dense", "sinks", "recompute"], sinks=2, window=5, segment=10,
+                             recompute_every=4)
+    assert results["dense"].stopped_at == 20 and results["sinks"].tokens == 40
+    picked = np.isfinite(results["recompute"].nll)
+    md = stream_table(results)
+    for name, r in results.items():
+        n = min(r.nll.size, picked.size)
+        mean = float(r.nll[:n][picked[:n]].astype(np.float64).mean())
+        count = int(picked[:n].sum())
+        assert f"| {count} of recompute | {name} | {math.exp(mean):.4g} | {mean:.4g} | - | - | - |" in md
+    assert stream_compare(model, ids, ["dense"], max_len=30)["dense"].stopped_at == 30

@@ -378,7 +378,8 @@ def _add_eval_commands(sub) -> None:
     _cache_options(p)
     p.add_argument("--tokens", type=int, default=None, help="stream only the first N tokens")
     p.add_argument("--segment", type=int, default=256, help="tokens per reported segment")
-    p.add_argument("--max-len", type=int, default=None, help="dense: stop after this many tokens")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="dense: stop after this many tokens (default: the length the model was trained for)")
     p.add_argument("--recompute-every", type=int, default=1, metavar="K",
                    help="recompute: evaluate every K-th prediction only (each re-encodes sinks + window tokens)")
     p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")

@@ -423,7 +423,9 @@ def stream_compare(
     ``L`` tokens (the paper's window attention of the same size), ``recompute`` re-encodes
     ``L``; ``recall`` keeps ``sinks`` + ``window`` (defaults ``RECALL_DEFAULTS``) and
     retrieves blocks (options ``recall``); ``dense`` keeps all and by default stops at its
-    limit (``on_limit="stop"``) so the others go on.  ``policies`` defaults to
+    limit (``on_limit="stop"``) so the others go on: ``max_len``, by default the length the
+    weights were trained for (``config.context_len``; a RoPE model has no position limit of
+    its own, but beyond that length its dense perplexity means little).  ``policies`` defaults to
     ``applicable_policies(model)`` but ``recall`` (whose sizes are its own: name it to run
     it).  Returns ``{policy: StreamResult}`` in order."""
     if policies is None:
@@ -436,6 +438,8 @@ def stream_compare(
     n_sink, n_window = DEFAULT_SINKS if sinks is None else sinks, DEFAULT_WINDOW if window is None else window
     if {"window", "sinks", "recompute"} & set(policies):
         SinkKVCache(1, n_sink, n_window)  # the sink cache's validation of both numbers
+    if max_len is None and "dense" in policies:
+        max_len = getattr(model.config, "context_len", None)
     options = {
         "dense": dict(max_len=max_len, on_limit=on_limit),
         "state": dict(on_limit=on_limit),
@@ -477,13 +481,25 @@ def _rows(results: dict[str, StreamResult]) -> list[list[str]]:
         peak_cache = max((s.cache_bytes for s in r.segments), default=None)
         rows.append([f"all {r.tokens}", name, num(r.ppl), num(r.mean_nll), num(r.ms_per_token), mib(peak_rss),
                      mib(peak_cache)])
+    # A policy evaluated at every k-th position only (recompute_every) has more of its weight on
+    # the early predictions, made before anything was evicted: compare every policy on its positions.
+    for ref_name, ref in results.items():
+        if ref.tokens == ref.nll.size:
+            continue
+        for name, r in results.items():
+            n = min(r.nll.size, ref.nll.size)
+            paired = r.nll[:n][np.isfinite(ref.nll[:n]) & np.isfinite(r.nll[:n])].astype(np.float64)
+            if paired.size:
+                rows.append([f"{paired.size} of {ref_name}", name, num(_ppl(float(paired.mean()))),
+                             num(float(paired.mean())), "-", "-", "-"])
     return rows
 
 
 def stream_table(results: dict[str, StreamResult], fmt: str = "markdown") -> str:
     """Per-segment perplexity, nll, ms/token, RSS and cache size of each policy (rows grouped
     by ``tokens``, the segment's end), then one ``all`` row per policy (whole-stream ppl and
-    ms/token, peak RSS and cache).  ``fmt``: ``"markdown"`` or ``"text"`` (aligned)."""
+    ms/token, peak RSS and cache), and when a policy evaluated every k-th prediction only,
+    one ``N of <policy>`` row per policy: its ppl over those N positions alone.  ``fmt``: ``"markdown"`` or ``"text"`` (aligned)."""
     if fmt not in ("markdown", "text"):
         raise ValueError(f"fmt must be 'markdown' or 'text'; got {fmt!r}")
     rows = _rows(results)

@@ -36,7 +36,7 @@ class ModelConfig:
     max_seq_len: int | None = None  # absolute limit; required by pos="learned"
     # The context length the weights were trained for (Hugging Face's max_position_embeddings):
     # informational, never enforced (max_seq_len is the limit) but by recall caches, which keep
-    # a query's span within it; to_hf writes it back.
+    # a query's span within it, and stream_compare stops dense there; to_hf writes it back.
     context_len: int | None = None
     mlp_hidden: int | None = None  # SwiGLU width; None: 8/3 d_model rounded up to 64; 0: no MLP
     norm_eps: float = 1e-5
