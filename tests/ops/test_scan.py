@@ -107,6 +107,24 @@ def test_kernel_elementwise_functions_are_accurate_to_a_few_ulp():
         assert err <= 3.0, f"{name}: {err:.2f} ulp"
 
 
+def test_exp_keeps_its_accuracy_inlined_into_a_fast_math_loop():
+    """The decode kernels call exp in vectorised fast-math loops, where LLVM may reassociate
+    around it: a rounding written as (x + M) - M would cancel to x (errors of 30%)."""
+    import numba
+
+    @numba.njit(fastmath=True)
+    def exps(x, out):
+        for i in range(x.shape[0]):
+            out[i] = numba_math.exp(x[i])
+
+    x = torch.linspace(-80.0, 80.0, 40001, dtype=torch.float32).numpy()
+    got = numpy.empty_like(x)
+    exps(x, got)
+    want = numpy.exp(x.astype(numpy.float64))
+    ulp = numpy.spacing(want.astype(numpy.float32))
+    assert (numpy.abs(got - want) / ulp).max() <= 3.0
+
+
 def test_decays_beyond_the_fast_range_and_non_finite_inputs():
     """The kernel's unclamped _decay runs only for chunks (16 steps) x 16 channels whose
     exponents |delta' A log2 e| stay <= 125; elsewhere the clamping exp2 (underflow to 0).

@@ -18,8 +18,7 @@ weight is a tuple of arrays, one tuple length per format: fp32 ``(w,)`` ``(N, K)
 ``linear`` picks the matvec kernel by the length at compile time.  A missing bias is an
 empty array.  The matvecs and the attention run on numba's threads (their own ``prange``
 loops); the rest is elementwise work on a few thousand numbers, done inline.  Exponentials
-are libm's: ``numba_math.exp`` rounds with a magic number that fast-math code around it
-cancels (LLVM inlines across calls).
+are ``numba_math.exp``'s, which vectorise (libm's do not: no SVML).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import numba
 import numpy as np
 from numba.extending import overload
 
-from longctx.ops.numba_math import jit, wide_vectors
+from longctx.ops.numba_math import exp, jit, silu, wide_vectors
 from longctx.ops.quantized_kernels import int4_matvec, int8_matvec
 
 _FAST = dict(fastmath=True, error_model="numpy", boundscheck=False)
@@ -117,13 +116,13 @@ def attention_in(x, norm_w, eps, qkv_w, qkv_b, cos_sin, rotated, qkv):
 
 @jit(**_FAST)
 def _softmax_in_place(scores, count):
-    """``scores[:count] <- exp(scores - max)``; returns (max, sum).  libm's exp (see ``_swiglu``)."""
+    """``scores[:count] <- exp(scores - max)``; returns (max, sum)."""
     top = -np.inf
     for j in range(count):
         top = max(top, scores[j])
     total = _F32(0.0)
     for j in range(count):
-        p = np.exp(scores[j] - top)
+        p = exp(scores[j] - top)
         scores[j] = p
         total += p
     return top, total
@@ -226,11 +225,9 @@ def attention_out_mlp(x, qkv, k_cache, v_cache, lo, hi, heads, scale, out_w, out
 
 @jit(**_FAST)
 def _swiglu(gate_up, hidden):
-    """``silu(gate) * up`` of ``gate_up = [gate, up]``, ``(hidden,)``.  libm's exp, not
-    ``numba_math``'s: that one rounds with a magic number, which fast-math code around it
-    (LLVM inlines across the call) would cancel."""
+    """``silu(gate) * up`` of ``gate_up = [gate, up]``, ``(hidden,)``."""
     out = np.empty(hidden, dtype=_F32)
     for i in range(hidden):
         g = gate_up[i]
-        out[i] = g / (_F32(1.0) + np.exp(-g)) * gate_up[hidden + i]
+        out[i] = silu(g) * gate_up[hidden + i]
     return out

@@ -43,8 +43,9 @@ _LN2_LO = _f32(2.12194440e-4)
 _E0, _E1, _E2 = _f32(1.9875691500e-4), _f32(1.3981999507e-3), _f32(8.3334519073e-3)
 _E3, _E4, _E5 = _f32(4.1665795894e-2), _f32(1.6666665459e-1), _f32(5.0000001201e-1)
 _X_LO, _X_HI = _f32(-104.0), _f32(89.0)  # exp is 0 below and inf above (exactly rounded)
-_MAGIC = _f32(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds to an integer
-_MAGIC_127 = _f32(12582912.0 + 127.0)  # the same, with the exponent bias in its low bits
+# 1.5 * 2**23 + 127: adding it rounds to an integer k (in IEEE code: fast-math would cancel a
+# later subtraction) and leaves k + 127, the exponent bias, in the sum's low bits.
+_MAGIC_127 = _f32(12582912.0 + 127.0)
 # 2^f on [-1/2, 1/2]: degree-6 interpolant at Chebyshev nodes, max relative error 1.4 ulp.
 _Q = (_f32(1.0), _f32(0.6931471824645996), _f32(0.24022650718688965), _f32(0.05550327152013779),
       _f32(0.009618056938052177), _f32(0.0013400427997112274), _f32(0.00015461444854736328))
@@ -90,6 +91,20 @@ def fma(typingctx, a, b, c):
     def codegen(context, builder, signature, args):
         f = ir.FloatType()
         fn = builder.module.declare_intrinsic("llvm.fma", [f], ir.FunctionType(f, [f, f, f]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def rint(typingctx, x):
+    """float32 rounded to the nearest integer, ties to even (``llvm.rint``; vectorises).
+    An intrinsic, so fast-math code around it cannot cancel it as it would ``(x + M) - M``."""
+    sig = nbtypes.float32(nbtypes.float32)
+
+    def codegen(context, builder, signature, args):
+        f = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.rint", [f], ir.FunctionType(f, [f]))
         return builder.call(fn, args)
 
     return sig, codegen
@@ -163,11 +178,12 @@ def exp(x):
     """float32 exp, max relative error 1.4 ulp (normal and subnormal results).
 
     x = k ln2 + r, |r| <= ln2 / 2 (two-part ln2); e^r by Cephes' expf polynomial;
+    the rounding to k is an intrinsic, so it also holds inlined into fast-math kernels;
     2^k applied as two factors 2^(k//2) 2^(k - k//2) so results down to the smallest
     subnormal round correctly and 2^128 overflows to inf."""
     xc = _X_LO if x < _X_LO else x  # comparisons written so that NaN passes through
     xc = _X_HI if xc > _X_HI else xc
-    k = (xc * LOG2E + _MAGIC) - _MAGIC
+    k = rint(xc * LOG2E)
     r = fma(k, _LN2_HI, xc)
     r = fma(k, _LN2_LO, r)
     p = fma(_E0, r, _E1)
