@@ -164,6 +164,7 @@ def test_bad_cache_options(options, match):
 
 
 def test_prompt_longer_than_the_window_is_refused_and_pieces_work():
+    """The model refuses a piece that would evict within itself; generate feeds pieces."""
     model = _model()
     state = model.init_state(1, cache="sinks", sinks=2, window=8)
     ids = torch.randint(0, 40, (1, 14), generator=torch.Generator().manual_seed(3))
@@ -177,8 +178,13 @@ def test_prompt_longer_than_the_window_is_refused_and_pieces_work():
         for t in range(10, 14):
             model(ids[:, t : t + 1], state)
     assert state.seq_len == 14 and state.layers[0].seq_len == 14
-    with pytest.raises(ValueError, match="longer than the cache window"):
-        generate(model, list(range(11)), 2, temperature=0, state=model.init_state(1, cache="sinks", sinks=2, window=8))
+    # generate (prefill) feeds a longer prompt the same way: a piece that fits, then one at a time
+    fed = model.init_state(1, cache="sinks", sinks=2, window=8)
+    with torch.no_grad():
+        for t in range(13):
+            logits = model(ids[:, t : t + 1], fed)
+    out = generate(model, ids[:, :13], 1, temperature=0, state=model.init_state(1, cache="sinks", sinks=2, window=8))
+    assert out[0, -1] == logits[0, -1].argmax()
 
 
 def test_refusals_dilated_learned_and_gradients():

@@ -1,6 +1,7 @@
 """Reports of task comparisons: a markdown table (architectures as rows, lengths as columns), a
 plot of accuracy against length (log2 axis, chance level), and per-architecture training time,
-parameters and tokens/s; plus the training curve of one task run.
+parameters and tokens/s; plus the training curve of one task run, and the depth x length
+heatmap of needle tests (``plot_depth_heatmap``).
 
 ``write_report(out_dir, meta, rows)`` writes ``report.md``, ``accuracy.png`` and
 ``results.json``.  ``rows`` are dicts with at least ``label`` and ``accuracy``
@@ -138,6 +139,41 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], lengths: Sequence[int], out_pa
     return save_figure(fig, out_path)
 
 
+def plot_depth_heatmap(by_depth: dict, lengths: Sequence[int], depths: Sequence[float], out_path, *,
+                       title: str | None = None, length_label=format_length) -> Path | None:
+    """The needle-test picture: accuracy (%) by depth (rows, 0 at the top) and length
+    (columns), red to green, each cell labelled; a cell with a status instead ("out of memory",
+    "over budget") is grey with the status, one never run is blank.  ``by_depth`` maps length ->
+    {depth: accuracy or status} (keys may be JSON strings).  Needs matplotlib."""
+    plt = pyplot("heatmap")
+    if plt is None:
+        return None
+    import numpy as np
+
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    labels = [["" for _ in lengths] for _ in depths]
+    for j, n in enumerate(lengths):
+        cell = _get(by_depth, n) or {}
+        for i, d in enumerate(depths):
+            value = cell.get(d, cell.get(str(d), cell.get(str(float(d)))))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                grid[i, j] = 100.0 * value
+                labels[i][j] = f"{100.0 * value:.0f}"
+            elif value is not None:
+                labels[i][j] = "\n".join(str(value).split(" ", 1))
+    fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 2.5, 0.55 * len(depths) + 1.6))
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#d9d9d9")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=8 if np.isfinite(grid[i, j]) else 6)
+    ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:g}%" for d in depths])
+    ax.set(xlabel="prompt length (tokens)", ylabel="depth of the needle", title=title or "accuracy by depth")
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    return save_figure(fig, out_path)
+
+
 def plot_task_training(metrics_path, out_path, *, chance: float | None = None) -> Path | None:
     """Training loss and accuracy (train batches, validation at the training length and at
     ``task.val_lengths``) against step, from a task run's metrics.jsonl.  Needs matplotlib."""
@@ -253,4 +289,4 @@ def write_report(out_dir, meta: dict[str, Any], rows: Sequence[dict[str, Any]]) 
 
 
 __all__ = ["accuracy_table", "depth_table", "format_accuracy", "format_length", "plot_accuracy",
-           "plot_task_training", "report_markdown", "runs_table", "write_report"]
+           "plot_depth_heatmap", "plot_task_training", "report_markdown", "runs_table", "write_report"]

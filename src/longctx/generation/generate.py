@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from longctx.cache.model_state import ModelState
+from longctx.cache.sink import SinkKVCache
 from longctx.generation.fast_decode import fast_decoder
 from longctx.generation.sampling import check_sampling, sample_next
 from longctx.generation.speculative import DRAFTS, DraftLength, LookupDraft, accept
@@ -20,6 +21,26 @@ def _as_batch(ids) -> torch.Tensor:
     if ids.dim() != 2:
         raise ValueError(f"prompt ids must be a (time,) or (batch, time) sequence; got shape {tuple(ids.shape)}")
     return ids
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, state: ModelState, chunk: int | None = None) -> torch.Tensor:
+    """Feed ``ids (batch, time)`` into ``state``; returns the logits of the last position
+    ``(batch, vocab)``.  In pieces of at most ``chunk`` tokens (None: one piece), and where
+    the state has a bounded cache (sinks, window), of at most the tokens it takes before it
+    evicts: once it is full, one token at a time, exactly as a stream would feed them."""
+    if ids.shape[1] == 0:
+        raise ValueError("nothing to prefill: ids has no tokens")
+    fed = 0
+    while True:
+        rooms = [s.capacity - s.seq_len for s in state.layers if isinstance(s, SinkKVCache)]
+        n = ids.shape[1] - fed if chunk is None else min(chunk, ids.shape[1] - fed)
+        if rooms:
+            n = max(1, min(n, *rooms))
+        logits = model(ids[:, fed : fed + n], state, last_only=True)[:, -1]
+        fed += n
+        if fed == ids.shape[1]:
+            return logits
 
 
 @torch.no_grad()  # not inference_mode: the caches must stay usable outside it
@@ -39,8 +60,8 @@ def stream(
 ) -> Iterator[torch.Tensor]:
     """Yield the new tokens one step at a time, each ``(batch,)``.
 
-    The prompt ``ids`` ``(time,)`` or ``(batch, time)`` is prefilled in one pass, then each
-    step feeds one token through the cache.  ``max_new_tokens=None`` generates until every
+    The prompt ``ids`` ``(time,)`` or ``(batch, time)`` is prefilled in one pass (``prefill``:
+    bounded caches take it in pieces), then each step feeds one token through the cache.  ``max_new_tokens=None`` generates until every
     sequence stopped, or up to the model's position limit when it has one.  A sequence that produced a ``stop`` token
     keeps producing it; iteration ends when every sequence has stopped.  Continuing a session
     with new ``ids`` resumes the sequences that had stopped (the next turn of a chat).
@@ -95,7 +116,7 @@ def stream(
     else:
         generator.manual_seed(int(torch.randint(2**62, ())))
     stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=ids.device)
-    logits = model(ids, state, last_only=True)[:, -1]
+    logits = prefill(model, ids, state)
     # Sequences that stopped earlier in the session stay stopped until new input comes.
     done = state.extra.get("done", torch.zeros(ids.shape[0], dtype=torch.bool)).to(ids.device)
     # Per-token bookkeeping only where it can change anything (it is a tenth of a small
