@@ -135,3 +135,26 @@ def test_hf_checkpoint_directory_with_its_tokenizer(tmp_path, capsys):
     assert capsys.readouterr().out == direct
     assert main(["generate", str(hf), "--checkpoint", "step_1"]) == 2
     assert "Hugging Face checkpoint" in capsys.readouterr().err
+
+
+def test_task_eval_of_text_tasks_on_a_model(run, tmp_path, capsys):
+    """``task eval MODEL --task <text tasks>``: the retrieval table by length and policy, with
+    the results, report and heatmaps in --out; a second call takes the measured cells."""
+    out = tmp_path / "retrieval"
+    args = ["task", "eval", str(run), "--task", "passkey_text,niah", "--lengths", "500,1k", "--cache",
+            "dense,sinks:sinks=4:window=60,recall:sinks=4:window=64:block=16:topk=2", "--examples", "1",
+            "--depths", "0.5", "--out", str(out)]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"passkey_text", "niah"} and set(result["niah"]["dense"]) == {"500", "1024"}
+    assert all(isinstance(a, float) for cells in result["niah"].values() for a in cells.values())
+    assert (out / "heatmap_niah_sinks_sinks_4_window_60.png").is_file()
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "## passkey_text" in printed.out and "| 500 | 1K |" in printed.out
+    lines = printed.err.splitlines()
+    assert len(lines) == 12 and all(line.endswith("(from results.json)") for line in lines)
+    assert main(["task", "eval", str(run), "--task", "niah,passkey", "--lengths", "1k"]) == 2
+    assert "--task mixes text tasks" in capsys.readouterr().err
+    assert main(["task", "eval", str(run), "--task", "niah"]) == 2
+    assert "text tasks need --lengths" in capsys.readouterr().err

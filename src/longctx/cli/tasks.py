@@ -67,11 +67,71 @@ def _eval_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _text_tasks(args: argparse.Namespace) -> list[str] | None:
+    """The text tasks named by ``--task`` (a comma list), or None for a synthetic task run."""
+    from longctx.data.text_tasks import TEXT_TASKS
+    from longctx.model import ConfigError
+
+    names = [] if args.task is None else [t.strip() for t in args.task.split(",") if t.strip()]
+    text = [t for t in names if t in TEXT_TASKS]
+    if not text:
+        return None
+    if len(text) != len(names):
+        raise ConfigError(f"--task mixes text tasks ({', '.join(TEXT_TASKS)}) with {', '.join(set(names) - set(text))}; "
+                          "evaluate a synthetic task run and a pretrained model separately")
+    return text
+
+
+def _retrieval_eval(args: argparse.Namespace, tasks: list[str]) -> int:
+    """``task eval MODEL --task niah,...``: a pretrained model on the text tasks by length,
+    depth and cache policy (``longctx.eval.retrieval``)."""
+    from longctx.eval.retrieval import DEPTHS, evaluate_retrieval, parse_policies, results_markdown
+    from longctx.eval.tasks import parse_lengths
+    from longctx.model import ConfigError
+    from longctx.train.runs import load_run
+
+    if args.lengths is None:
+        raise ConfigError("text tasks need --lengths, e.g. 1k,2k,...,16k")
+    if args.checkpoint is not None:
+        raise ConfigError("--checkpoint picks a checkpoint of a task run; give the model path or name instead")
+    policies = parse_policies(args.cache)
+    _, model, tokenizer, _ = load_run(args.run, None, args.weights)
+    if tokenizer is None:
+        raise ConfigError(f"{args.run} has no tokenizer, which the text tasks need")
+    options = _eval_options(args)
+    options["depths"] = DEPTHS if args.depths is None else [float(d) for d in args.depths.split(",") if d.strip()]
+    out = Path(args.out or f"runs/retrieval-{Path(str(args.run)).stem}")
+    results = evaluate_retrieval(model, tokenizer, tasks, parse_lengths(args.lengths), policies, seed=args.seed,
+                                 out_dir=out, model_name=str(args.run), log=None if args.json else _err, **options)
+    if args.json:
+        print(json.dumps({task: {label: {n: cell["accuracy"] for n, cell in cells.items()}
+                                 for label, cells in entry["cells"].items()}
+                          for task, entry in results["tasks"].items()}))
+    else:
+        print(results_markdown(results))
+        print(f"results, report and heatmaps in {out}")
+    return 0
+
+
 def _task_eval(args: argparse.Namespace) -> int:
     from longctx.eval.report import accuracy_table, depth_table
     from longctx.eval.tasks import parse_lengths
     from longctx.train.tasks import evaluate_run
 
+    text = _text_tasks(args)
+    if args.examples is None:
+        args.examples = 5 if text else 100
+    if args.batch is None:
+        args.batch = 1 if text else 8
+    if text:
+        return _retrieval_eval(args, text)
+    for flag, given in (("--cache", args.cache != DEFAULT_POLICIES), ("--out", args.out is not None),
+                        ("--weights", args.weights != "fp32")):
+        if given:
+            from longctx.model import ConfigError
+
+            raise ConfigError(f"{flag} applies to text tasks of pretrained models (--task niah, ...), not to a "
+                              "synthetic task run")
     lengths = None if args.lengths is None else parse_lengths(args.lengths)
     options = _eval_options(args)
     if args.depths is not None:
@@ -114,15 +174,20 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_arguments(p: argparse.ArgumentParser, examples: int) -> None:
+def _eval_arguments(p: argparse.ArgumentParser, examples: int | None = None) -> None:
+    """Options shared by task eval and compare; ``examples`` None: task eval picks per kind."""
     p.add_argument("--lengths", help="comma-separated lengths; '256,512,...,65536' doubles up to the last; "
                                      "default: the task's standard lengths")
-    p.add_argument("--examples", type=int, default=examples, help=f"examples per length (default {examples})")
-    p.add_argument("--batch", type=int, default=8, help="examples per forward pass (lowered to fit --max-memory)")
+    p.add_argument("--examples", type=int, default=examples,
+                   help=f"examples per length (default {examples})" if examples else
+                   "examples per length (default 100), per depth and length for text tasks (default 5)")
+    p.add_argument("--batch", type=int, default=8 if examples else None,
+                   help="examples per forward pass (lowered to fit --max-memory; default 8, text tasks 1)")
     p.add_argument("--max-memory", help="memory limit of one evaluation, e.g. 8G (default: half the available "
                                         "memory, at most 8G); longer lengths are reported 'out of memory'")
 
 
+DEFAULT_POLICIES = "dense,sinks,recall"
 _TASK_HELP = "synthetic long-context tasks: train a small model, evaluate by length"
 _COMPARE_HELP = "train and evaluate several architectures on a task; write a report"
 
@@ -136,6 +201,7 @@ def add_task_commands(sub, detailed: bool = True) -> None:
         sub.add_parser("task", help=_TASK_HELP)
         sub.add_parser("compare", help=_COMPARE_HELP)
         return
+    from longctx.data.text_tasks import TEXT_TASKS
     from longctx.train.tasks import ARCHS, COMPARED_ARCHS, TASK_NAMES
 
     tasks, archs = ", ".join(TASK_NAMES), ", ".join(ARCHS)
@@ -161,11 +227,23 @@ def add_task_commands(sub, detailed: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_task_train, trains=True)
 
-    p = task_sub.add_parser("eval", help="accuracy of a task run at many lengths")
-    p.add_argument("run", help="run directory of longctx task train")
-    _eval_arguments(p, examples=100)
-    p.add_argument("--depths", help="passkey: depths of the note, e.g. 0,0.25,0.5,0.75,1 (the default)")
-    p.add_argument("--task", help="refuse a run of another task")
+    p = task_sub.add_parser("eval", help="accuracy of a task run, or of a pretrained model on text retrieval "
+                                         "tasks, at many lengths")
+    p.add_argument("run", help="run directory of longctx task train; for text tasks any model: a run, Hugging Face "
+                               "or GGUF path, or an installed model's name (smollm2-135m)")
+    _eval_arguments(p)
+    p.add_argument("--depths", help="passkey: depths of the note, e.g. 0,0.25,0.5,0.75,1 (the default); text "
+                                    "tasks: depths of the needle (default 0.1,0.3,0.5,0.7,0.9)")
+    p.add_argument("--task", help=f"refuse a run of another task; or text tasks of a pretrained model, comma-"
+                                  f"separated: {', '.join(TEXT_TASKS)}")
+    p.add_argument("--cache", default=DEFAULT_POLICIES,
+                   help="text tasks: cache policies, comma-separated, each NAME[:key=value...] with init_state's "
+                        "options, e.g. dense,sinks:window=1020,recall:topk=16:memory_dir=mem; dense:rope=yarn "
+                        f"scales RoPE beyond the trained length (default {DEFAULT_POLICIES})")
+    p.add_argument("--out", help="text tasks: directory of results.json, report.md and heatmaps; cells already "
+                                 "there with the same settings are not run again (default runs/retrieval-MODEL)")
+    p.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
+                   help="text tasks: the model's linear weights (default fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation examples")
     p.add_argument("--chunk", type=int, help="tokens per forward pass of the chunked path (default 4096)")
     p.add_argument("--budget-minutes", type=float, help="evaluation time limit: lengths beyond it are 'over budget'")

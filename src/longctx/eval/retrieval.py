@@ -325,7 +325,7 @@ def evaluate_retrieval(
                 if cell["accuracy"] == OVER_BUDGET:
                     stopped[policy.label] = OVER_BUDGET
                 entry["cells"][policy.label][str(length)] = cell
-                say(_cell_line(task, length, policy.label, cell))
+                say(_cell_line(task, length, policy.label, cell) + (" (from results.json)" if cell is cached else ""))
                 if out_dir is not None:
                     write_results(out_dir, results)
     return results
