@@ -86,6 +86,8 @@ def test_evaluation_table_budgets_report_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(retrieval, "answer_batch", fail)
     again = evaluate_retrieval(model, TOK, ["passkey_text", "niah"], [600, 1200], policies, **kw)
     assert again["tasks"] == results["tasks"]
+    one = evaluate_retrieval(model, TOK, ["niah"], [600], policies[:1], **kw)  # a subset: all kept
+    assert one["tasks"] == results["tasks"]
     with pytest.raises(AssertionError, match="ran again"):  # other settings: measured anew
         evaluate_retrieval(model, TOK, ["passkey_text"], [600], policies, **{**kw, "examples": 2})
 

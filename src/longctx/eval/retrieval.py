@@ -283,7 +283,8 @@ def evaluate_retrieval(
     """Accuracy of ``model`` on each text task, length, depth and policy (module docstring);
     ``examples`` per depth.  With ``out_dir``, results are written there after every cell
     (``write_results``), and cells measured before with the same settings are taken from its
-    ``results.json`` instead of run again.  Returns the results (``write_results``' input)."""
+    ``results.json`` instead of run again; the lengths, policies and tasks measured before
+    with those settings stay in the results, so runs add to one table.  Returns the results (``write_results``' input)."""
     _check_arguments(tasks, lengths, depths, examples, batch, chunk, budget_seconds, max_new_tokens)
     say = log or (lambda message: None)
     max_memory = default_max_memory() if max_memory is None else int(max_memory)
@@ -295,6 +296,11 @@ def evaluate_retrieval(
         "batch": batch, "chunk": chunk, "budget_seconds": budget_seconds, "max_memory": max_memory,
         "chat_template": wrap is not None, "rss_method": _reset_peak_rss(), "tasks": {},
     }
+    shared = {"weights": weights, "seed": seed, "depths": list(depths), "examples_per_depth": examples,
+              "chat_template": wrap is not None}
+    for task, old in previous.items():  # other tasks measured with the same settings stay in the report
+        if task not in tasks and all(old.get("settings", {}).get(k) == v for k, v in shared.items()):
+            results["tasks"][task] = old
     for task in tasks:
         opts = task_options(task, (task_opts or {}).get(task))
         new = max_new_tokens or MAX_NEW_TOKENS[task]
@@ -306,6 +312,10 @@ def evaluate_retrieval(
         results["tasks"][task] = entry
         old = previous.get(task, {})
         reuse = old.get("settings") == settings
+        if reuse:  # one table across runs: lengths and policies measured before stay in it
+            entry["lengths"] = sorted(set(old["lengths"]) | set(lengths))
+            entry["policies"] = old["policies"] + [p.label for p in policies if p.label not in old["policies"]]
+            entry["cells"] = {label: dict(old["cells"].get(label, {})) for label in entry["policies"]}
         stopped: dict[str, str] = {}
         last: dict[str, tuple[int, float]] = {}  # policy -> (length, seconds per example)
         for length in lengths:
