@@ -20,6 +20,7 @@ ALLOWED = {
     "train": {"ops", "cache", "layers", "model", "data", "generation", "eval", "distributed", "configs"},
     "distributed": {"ops", "cache", "layers", "model"},
     "configs": set(),
+    "serve": {"ops", "cache", "layers", "model", "data", "generation"},
 }
 # Top-level modules every layer may import: they import nothing from longctx.
 SHARED = {"validation"}

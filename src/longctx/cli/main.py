@@ -404,6 +404,47 @@ def _add_model_commands(sub) -> None:
     p.set_defaults(func=info)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """An OpenAI-compatible HTTP server on the model (``longctx.serve``), until Ctrl-C or SIGTERM."""
+    try:
+        from longctx.serve.app import run
+    except ImportError as e:
+        print(f"error: longctx serve needs FastAPI and uvicorn ({e}): pip install 'longctx[serve]'", file=sys.stderr)
+        return 2
+    from longctx.serve.engine import Engine
+    from longctx.train.runs import load_run
+
+    _, model, tokenizer, _ = load_run(args.run, args.checkpoint, args.weights)
+    _need_tokenizer(tokenizer, args.run)
+    cache = {"cache": args.cache, "sinks": args.sinks, "window": args.window, **_recall_args(args, [args.cache])}
+    engine = Engine(model, tokenizer, cache, sessions_dir=args.sessions_dir, max_queue=args.max_queue)
+    model_id = Path(args.run).name or str(args.run)
+    print(f"serving {args.run} as model {model_id!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    run(engine, model_id, host=args.host, port=args.port, api_key=args.api_key)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, streamed; sessions)")
+    p.add_argument("run", help="run directory, Hugging Face checkpoint directory, GGUF file or installed model name "
+                               "(smollm2-135m)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--sessions-dir", metavar="DIR", default=None,
+                   help="keep named sessions (the request field 'session') in DIR, one safetensors file each; "
+                        "without it requests naming a session are refused")
+    p.add_argument("--max-queue", type=_positive, default=16, metavar="N",
+                   help="requests waiting for the model beyond which the server answers 429 (default 16)")
+    p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
+    weights_option(p)
+    p.add_argument("--cache", choices=CACHE_POLICIES, default="dense",
+                   help="attention KV cache of every request and session, as for generate (dense, sinks, window, "
+                        "recall)")
+    _cache_options(p)
+    p.set_defaults(func=_serve)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``longctx`` parser; ``argv`` (the arguments it will parse) says whether the
     synthetic-task commands' option lists are needed (they load the task definitions)."""
@@ -413,6 +454,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_session_commands(sub)
     _add_eval_commands(sub)
     _add_model_commands(sub)
+    _add_serve(sub)
     add_task_commands(sub, detailed=any(a in ("task", "compare") for a in (argv or [])[:1]))
     return parser
 
