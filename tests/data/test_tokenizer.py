@@ -77,7 +77,7 @@ def test_bpe_stream_decoder_matches_decode(bpe):
 
 def test_bpe_vocab_too_small():
     pytest.importorskip("tokenizers")
-    with pytest.raises(DataError, match="at least 260"):
+    with pytest.raises(DataError, match="at least 262"):
         BPETokenizer.train(["abc"], vocab_size=100)
 
 

@@ -44,6 +44,21 @@ class LayerState(ABC):
     def fork(self) -> LayerState:
         """An independent copy: updating either state leaves the other as it was."""
 
+    def keep_undo(self) -> None:
+        """From now on keep what ``undo_step`` needs: one step of history (backspace decoding).
+        The history is not part of ``state_dict`` or ``fork``; ``reset`` forgets it."""
+        raise ValueError(f"a {type(self).__name__} cannot take back the last token it was fed, as backspace "
+                         "decoding needs: use a dense, sink or window cache")
+
+    def undo_step(self) -> None:
+        """Return to the state before the last update (after ``keep_undo``); raises
+        ``ValueError`` when no step is kept (none since ``keep_undo``, or already undone)."""
+        raise ValueError(f"a {type(self).__name__} cannot take back the last token it was fed")
+
+    def _nothing_to_undo(self) -> ValueError:
+        return ValueError(f"this {type(self).__name__} keeps no step to undo: call keep_undo() before the step; "
+                          "one step is kept, so two undos in a row need a step between them")
+
     @property
     def nbytes(self) -> int:
         """Bytes of tensor storage held (allocated room included), each storage counted once."""

@@ -25,6 +25,10 @@ class KVCache(LayerState):
     transposed view, so ``update`` returns ``(batch, time, kv_heads, head_dim)`` views in
     which each head's keys are one contiguous ``(time, head_dim)`` matrix: what the matmuls
     of a decoding step read, in place (``longctx.ops.attention``).
+
+    With ``keep_undo`` each update remembers ``seq_len`` and ``start`` before it: undoing a
+    step restores both, the keys a windowed layer trimmed after the step included (they are
+    still in storage: only ``_grow`` moves rows, and it keeps every row from ``start`` on).
     """
 
     def __init__(self, batch_size: int, max_len: int | None = None) -> None:
@@ -35,12 +39,16 @@ class KVCache(LayerState):
         self._base = 0  # absolute position of _k[:, 0]
         self.start = 0
         self.seq_len = 0
+        self._keep_undo = False
+        self._undo: tuple[int, int] | None = None  # (seq_len, start) before the last update
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k``, ``v`` ``(batch, time, kv_heads, head_dim)``; return the kept keys and
         values (positions ``start .. seq_len - 1``)."""
         if k.shape[0] != self.batch_size:
             raise ValueError(f"cache was made for batch size {self.batch_size}; got {k.shape[0]}")
+        if self._keep_undo:
+            self._undo = (self.seq_len, self.start)
         new = k.shape[1]
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             if self._k is not None:
@@ -71,6 +79,19 @@ class KVCache(LayerState):
         if not 0 <= n <= self.seq_len - self.start:
             raise ValueError(f"cannot rewind {n} positions: the cache keeps {self.seq_len - self.start}")
         self.seq_len -= n
+        self._undo = None
+
+    def keep_undo(self) -> None:
+        self._keep_undo = True
+
+    def undo_step(self) -> None:
+        if self._undo is None:
+            raise self._nothing_to_undo()
+        seq_len, start = self._undo
+        if seq_len == 0:
+            self.reset()
+            return
+        self.seq_len, self.start, self._undo = seq_len, start, None
 
     def trim(self, start: int) -> None:
         """Forget the keys and values before absolute position ``start`` (memory is reused
@@ -99,6 +120,7 @@ class KVCache(LayerState):
     def reset(self) -> None:
         self._k = self._v = None
         self.seq_len = self.start = self._base = 0
+        self._undo = None
 
     def tensors(self) -> Iterable[torch.Tensor]:
         return [t for t in (self._k, self._v) if t is not None]
@@ -130,3 +152,4 @@ class KVCache(LayerState):
                 )
             self.start = self._base = self.seq_len = int(state.get("start", 0))
             self.update(state["k"], state["v"])
+            self._undo = None  # a restored state has no step to undo

@@ -51,6 +51,21 @@ class ModelState:
             s.rewind(n)
         self.seq_len -= n
 
+    def keep_undo(self) -> None:
+        """Make every layer keep one step of history (``LayerState.keep_undo``), so that
+        ``undo_step`` can take back the last token fed (backspace decoding); ``ValueError``
+        for a layer state that cannot (a recall cache)."""
+        for s in self.layers:
+            s.keep_undo()
+
+    def undo_step(self) -> None:
+        """Return every layer to where it was before the last forward pass (``keep_undo``
+        first); ``extra`` (pending token, RNG) is the caller's to set."""
+        before = self.layers[0].seq_len
+        for s in self.layers:
+            s.undo_step()
+        self.seq_len -= before - self.layers[0].seq_len
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict (``layers.{i}.{name}``, ``extra.{name}``), ready for safetensors."""
         out = {"seq_len": torch.tensor(self.seq_len)}

@@ -36,6 +36,9 @@ class SinkKVCache(LayerState):
     the end of storage is the kept part moved back to the front, once every
     ``n_sink + window`` tokens; eviction is O(n_sink) per token plus an amortised O(1)
     share of that move, and memory is constant however long the stream.
+
+    With ``keep_undo`` an update that evicts copies the evicted token's key and value first
+    (one row; the slide of the sinks overwrites it), so ``undo_step`` can put it back.
     """
 
     def __init__(self, batch_size: int, n_sink: int = DEFAULT_SINKS, window: int = DEFAULT_WINDOW) -> None:
@@ -49,6 +52,9 @@ class SinkKVCache(LayerState):
         self._sink_k: torch.Tensor | None = None  # the sinks' keys as first cached, once eviction began
         self._lo = self._end = 0  # the kept tokens are storage[_lo:_end], in cache order
         self.seq_len = 0  # tokens seen
+        self._keep_undo = False
+        # Before the last update: seq_len and the evicted (k, v) rows, or None.
+        self._undo: tuple | None = None
 
     @property
     def capacity(self) -> int:
@@ -84,7 +90,12 @@ class SinkKVCache(LayerState):
             )
         if self._k is None:
             self._k, self._v = self._storage(k), self._storage(v)
-        if self.seq_len + new > self.capacity:
+        evicting = self.seq_len + new > self.capacity
+        if self._keep_undo:
+            row = self._lo + self.n_sink  # the oldest window token, evicted by this update
+            evicted = (self._k[:, row : row + 1].clone(), self._v[:, row : row + 1].clone()) if evicting else None
+            self._undo = (self.seq_len, evicted)
+        if evicting:
             self._evict_oldest()
         self._k[:, self._end : self._end + new] = k
         self._v[:, self._end : self._end + new] = v
@@ -132,9 +143,36 @@ class SinkKVCache(LayerState):
                 buf[:, n : self.capacity - 1] = buf[:, lo + n + 1 : self._end]
         self._lo, self._end = (lo + 1, self._end) if room else (0, self.capacity - 1)
 
+    def keep_undo(self) -> None:
+        self._keep_undo = True
+
+    def undo_step(self) -> None:
+        if self._undo is None:
+            raise self._nothing_to_undo()
+        seq_len, evicted = self._undo
+        self._undo = None
+        if seq_len == 0:
+            self.reset()
+            return
+        if evicted is None:  # the new tokens were appended at the end, nothing else moved
+            self._end -= self.seq_len - seq_len
+        else:
+            # Cache order before the step: sinks (as first cached: shift_sinks rotates them
+            # anew on every update), the evicted token, the window without the newest token.
+            # _sink_k stays set when eviction began with this step: it holds those same rows.
+            n, kept_k, kept_v = self.n_sink, self._k[:, self._lo : self._end], self._v[:, self._lo : self._end]
+            sinks = kept_k[:, :n] if self._sink_k is None else self._sink_k
+            k = torch.cat([sinks, evicted[0], kept_k[:, n:-1]], 1)
+            v = torch.cat([kept_v[:, :n], evicted[1], kept_v[:, n:-1]], 1)
+            self._k[:, : k.shape[1]] = k
+            self._v[:, : v.shape[1]] = v
+            self._lo, self._end = 0, k.shape[1]
+        self.seq_len = seq_len
+
     def reset(self) -> None:
         self._k = self._v = self._sink_k = None
         self._lo = self._end = self.seq_len = 0
+        self._undo = None
 
     def tensors(self) -> Iterable[torch.Tensor]:
         return [t for t in (self._k, self._v, self._sink_k) if t is not None]
@@ -186,5 +224,6 @@ class SinkKVCache(LayerState):
         self._k[:, : k.shape[1]] = k
         self._v[:, : v.shape[1]] = v
         self._end, self.seq_len = k.shape[1], seq_len
+        self._undo = None  # a restored state has no step to undo
         if self.evicted and self.n_sink:
             self._sink_k = k[:, : self.n_sink].clone()

@@ -14,6 +14,10 @@ class SSMState(LayerState):
     ``ssm``: the SSM state, fp32 (``(batch, channels, state)`` for Mamba,
     ``(batch, heads, head_dim, state)`` for Mamba-2).  Both start at zero, so a fresh state
     and no state give the same outputs.  Size is constant, however long the sequence.
+
+    With ``keep_undo`` an update keeps the parts it replaces, by reference: the layers
+    replace both tensors on every update and never write into them, so the previous step
+    costs no copy.
     """
 
     def __init__(self, batch_size: int, conv_shape: tuple[int, ...], ssm_shape: tuple[int, ...]) -> None:
@@ -23,6 +27,8 @@ class SSMState(LayerState):
         self.conv: torch.Tensor | None = None
         self.ssm: torch.Tensor | None = None
         self.seq_len = 0
+        self._keep_undo = False
+        self._undo: tuple | None = None  # (conv, ssm, seq_len) before the last update
 
     def update(self, conv: torch.Tensor, ssm: torch.Tensor, n_tokens: int) -> None:
         """Replace both parts after ``n_tokens`` more tokens went through the layer."""
@@ -31,12 +37,24 @@ class SSMState(LayerState):
                 f"state shapes {tuple(conv.shape)}, {tuple(ssm.shape)} do not match this layer's "
                 f"{self.conv_shape}, {self.ssm_shape}"
             )
+        if self._keep_undo:
+            self._undo = (self.conv, self.ssm, self.seq_len)
         self.conv, self.ssm = conv, ssm
         self.seq_len += n_tokens
+
+    def keep_undo(self) -> None:
+        self._keep_undo = True
+
+    def undo_step(self) -> None:
+        if self._undo is None:
+            raise self._nothing_to_undo()
+        self.conv, self.ssm, self.seq_len = self._undo
+        self._undo = None
 
     def reset(self) -> None:
         self.conv = self.ssm = None
         self.seq_len = 0
+        self._undo = None
 
     def tensors(self) -> Iterable[torch.Tensor]:
         return [t for t in (self.conv, self.ssm) if t is not None]
@@ -58,3 +76,4 @@ class SSMState(LayerState):
         if state:
             seq_len = int(state["seq_len"])
             self.update(state["conv"], state["ssm"], seq_len)
+            self._undo = None  # a restored state has no step to undo

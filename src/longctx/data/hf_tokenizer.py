@@ -15,7 +15,14 @@ import re
 from pathlib import Path
 
 from .errors import DataError
-from .tokenizer_base import CONFIG_FILE, TOKENIZER_FILE, TokenizersBacked, byte_alphabet, read_tokenizer_json
+from .tokenizer_base import (
+    CONFIG_FILE,
+    MECHANISM_TOKENS,
+    TOKENIZER_FILE,
+    TokenizersBacked,
+    byte_alphabet,
+    read_tokenizer_json,
+)
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -102,7 +109,11 @@ class HFTokenizer(TokenizersBacked):
         self.bos_id = token_id(bos_token, "bos")
         self.eos_id = token_id(eos_token, "eos")
         self.pad_id = token_id(pad_token, "pad")
-        self.pause_id = None
+        # The mechanism tokens, where the vocabulary has them as special tokens (a pretrained
+        # one has not: longctx.data.special_tokens.add_mechanism_tokens adds them).
+        specials = {t.content: i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
+        self.pause_id, self.mem_id, self.backspace_id = (specials.get(MECHANISM_TOKENS[name])
+                                                         for name in ("pause", "mem", "backspace"))
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         probe = hf_tokenizer.encode("a", add_special_tokens=True).ids
         self.add_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id

@@ -16,6 +16,7 @@ from .errors import DataError
 from .hf_tokenizer import HFTokenizer
 from .tokenizer_base import (
     CONFIG_FILE,
+    MECHANISM_TOKENS,
     TOKENIZER_FILE,
     TokenizersBacked,
     TokenTable,
@@ -24,7 +25,10 @@ from .tokenizer_base import (
     read_tokenizer_json,
 )
 
-SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<pause>")
+# Every BPE tokenizer has the first four; "<mem>" and "<backspace>" came later: a tokenizer
+# saved before has no ids for them until ``special_tokens.add_mechanism_tokens``.
+REQUIRED_TOKENS = ("<bos>", "<eos>", "<pad>", "<pause>")
+SPECIAL_TOKENS = (*REQUIRED_TOKENS, "<mem>", "<backspace>")
 
 
 class ByteTokenizer(TokenTable):
@@ -39,6 +43,8 @@ class ByteTokenizer(TokenTable):
     eos_id = 257
     pad_id = 258
     pause_id = 259
+    mem_id = 260
+    backspace_id = 261
     vocab_size = 264
 
     def __init__(self) -> None:
@@ -67,16 +73,19 @@ class BPETokenizer(TokenizersBacked):
         # Text that happens to contain "<eos>" etc. is data, not a control token.
         self._hf.encode_special_tokens = True
         vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
-        for name in SPECIAL_TOKENS:
+        for name in REQUIRED_TOKENS:
             if name not in vocab:
                 raise DataError(
                     f"BPE tokenizer has no special token {name}; "
                     "train one with BPETokenizer.train so it has "
                     + ", ".join(SPECIAL_TOKENS)
                 )
-        self.bos_id, self.eos_id, self.pad_id, self.pause_id = (vocab[n] for n in SPECIAL_TOKENS)
+        self.bos_id, self.eos_id, self.pad_id, self.pause_id = (vocab[n] for n in REQUIRED_TOKENS)
+        specials = {t.content: i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
+        # Special tokens only: a merge of an old tokenizer may spell "<mem>" as text.
+        self.mem_id, self.backspace_id = (specials.get(MECHANISM_TOKENS[n]) for n in ("mem", "backspace"))
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        special_ids = {i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
+        special_ids = set(specials.values())
         alphabet = byte_alphabet()
         self._table = [b""] * self.vocab_size
         for token, i in vocab.items():
@@ -97,7 +106,7 @@ class BPETokenizer(TokenizersBacked):
         if vocab_size < minimum:
             raise DataError(
                 f"BPE vocab_size {vocab_size} is too small: it must be at least {minimum} "
-                "(256 bytes + 4 special tokens)"
+                f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
             )
         tk = import_tokenizers()
         hf = tk.Tokenizer(tk.models.BPE())

@@ -19,6 +19,8 @@ from .errors import DataError
 
 CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_FILE = "tokenizer.json"
+# The tokens of the learned mechanisms (``longctx.data.special_tokens``): mechanism name -> token.
+MECHANISM_TOKENS = {"pause": "<pause>", "mem": "<mem>", "backspace": "<backspace>"}
 
 
 class StreamDecoder:

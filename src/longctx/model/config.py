@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from longctx.data.tokenizer_base import MECHANISM_TOKENS
 from longctx.ops.dilated import check_patterns
 from longctx.ops.rope import check_rope_scaling
 from longctx.validation import ConfigError, check_fields, non_negative_int, positive_int
@@ -71,6 +72,10 @@ class ModelConfig:
     # paper's set by default (longctx.ops.dilated.dilated_patterns builds geometric ones).
     dilated_segments: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768])
     dilated_rates: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 12])
+    # The mechanism tokens the model was trained with, name -> id ({"pause": 259}; names in
+    # longctx.data.tokenizer_base.MECHANISM_TOKENS): what pause and backspace decoding read,
+    # and why to_hf refuses the model (no Hugging Face architecture applies them).
+    special_tokens: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self, "model")
@@ -164,6 +169,7 @@ class ModelConfig:
                 raise ConfigError(f"model.rope_scaling 'dynamic' needs head_dim > 2; got {self.head_dim}")
         if self.context_len is not None:
             positive("context_len")
+        self._check_special_tokens()
         if self.attn_window is not None:
             positive("attn_window")
             if "dilated" in self.layers:
@@ -171,6 +177,25 @@ class ModelConfig:
                                   "sparse pattern (model.dilated_segments / dilated_rates): remove one of them")
             if "attention" not in self.layers:
                 warnings.warn("model.attn_window is ignored: model.layers has no 'attention' layer", stacklevel=3)
+
+    def _check_special_tokens(self) -> None:
+        tokens = self.special_tokens
+        if not isinstance(tokens, dict) or set(tokens) - set(MECHANISM_TOKENS):
+            raise ConfigError(f"model.special_tokens must map names among {', '.join(MECHANISM_TOKENS)} to token "
+                              f"ids; got {tokens!r}")
+        for name, token_id in tokens.items():
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < self.vocab_size:
+                raise ConfigError(f"model.special_tokens.{name} must be a token id in 0..{self.vocab_size - 1}; "
+                                  f"got {token_id!r}")
+        if len(set(tokens.values())) != len(tokens):
+            raise ConfigError(f"model.special_tokens gives two mechanisms the same id: {tokens}")
+
+    def special_token(self, name: str) -> int:
+        """The id of mechanism token ``name`` the model was trained with (``special_tokens``)."""
+        if name not in self.special_tokens:
+            raise ConfigError(f"this model was not trained with <{name}> tokens (model.special_tokens has no "
+                              f"{name!r}); pass the token id explicitly to use it anyway")
+        return self.special_tokens[name]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":

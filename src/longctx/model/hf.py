@@ -133,6 +133,11 @@ def to_hf(model: LanguageModel, path: str | Path) -> Path:
     if c.sink_token:
         raise HFCheckpointError("no Hugging Face architecture has a learned sink token (model.sink_token); "
                                 "export a model trained without it")
+    if c.special_tokens:
+        names = ", ".join(f"<{name}> (id {i})" for name, i in c.special_tokens.items())
+        raise HFCheckpointError(f"this model was trained with {names} (model.special_tokens), and no Hugging Face "
+                                "architecture represents them: transformers would neither append pauses, carry "
+                                "memory tokens nor undo a backspace; keep it as a longctx run")
     if kinds <= {"mamba", "mamba2"}:
         family = hf_mamba
     elif kinds == {"attention"}:
