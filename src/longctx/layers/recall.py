@@ -54,7 +54,11 @@ def _global(layer, q, state: RecallCache):
     global keys, retrieved by the chunk's mean query: out ``(batch, time, heads, dim)``,
     lse ``(batch, time, heads)``."""
     batch, time, _, dim = q.shape
-    query = q.float().mean(1).reshape(batch, state.sink_k.shape[2], -1, dim).mean(2)  # (batch, kv_heads, dim)
+    # Blocks are ranked by the logits their representatives would get: keys at position 0,
+    # the query at the window's distance (InfLLM's geometry; unrotated it would be distance 0).
+    picker = q if layer.pos != "rope" else layer.rotate(q, torch.full((time,), state.window, device=q.device),
+                                                        state.window + 1)
+    query = picker.float().mean(1).reshape(batch, state.sink_k.shape[2], -1, dim).mean(2)  # (batch, kv_heads, dim)
     k, v = state.global_kv(query)
     if state.positions == "fixed":
         key_pos, q_at = torch.zeros(k.shape[1], dtype=torch.long, device=q.device), state.window
