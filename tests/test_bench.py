@@ -117,3 +117,16 @@ def test_real_model(run_bench):
     assert [r["system"] for r in rows] == ["longctx-fp32", "longctx-int8"]
     assert all(r["prefill tok/s 16"] > 0 and 0 < r["decode tok/s 16"] < r["decode limit 16"] for r in rows)
     assert extra["same greedy tokens as longctx-fp32: longctx-int8"] in ("0 of 1 contexts", "1 of 1 contexts")
+
+
+def test_serve(run_bench, tmp_path_factory):
+    pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from .serve.conftest import make_run
+
+    run = make_run(tmp_path_factory.mktemp("serve_bench"))
+    rows, extra = run_bench("serve", "--model", str(run), "--clients", "1", "8", "--requests", "1", "--max-tokens",
+                            "4", "--threads", "1", "--peak-size", "128")
+    assert [(r["clients"], r["requests"], r["errors"]) for r in rows] == [(1, 1, 0), (8, 8, 0)]
+    assert all(0 < r["tokens/s"] < r["limit tok/s"] and r["p50 latency s"] <= r["p99 latency s"] for r in rows)
+    assert extra["8 clients / 1 client tokens/s"].endswith(("MET)", "MISSED)"))

@@ -121,13 +121,14 @@ def server(loaded, tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def sinks_server(run_dir, tmp_path_factory):
-    """StreamingLLM cache (cannot forget tokens, no position limit), one waiting request at
-    most, an API key; no end-of-turn token, so generation ends at max_tokens only (the
-    random model soon emits <|im_end|>) and a request can go on until cancelled."""
+    """StreamingLLM cache (cannot forget tokens, no position limit), one running and one
+    waiting request at most, an API key; no end-of-turn token, so generation ends at
+    max_tokens only (the random model soon emits <|im_end|>) and a request can go on until
+    cancelled."""
     _, model, tokenizer, _ = load_run(run_dir)
     tokenizer.eos_id = tokenizer.eos_token = None
     engine = Engine(model, tokenizer, {"cache": "sinks", "sinks": 4, "window": 200},
-                    sessions_dir=tmp_path_factory.mktemp("sink_sessions"), max_queue=1)
+                    sessions_dir=tmp_path_factory.mktemp("sink_sessions"), max_queue=1, max_batch=1)
     live = LiveServer(engine, api_key="secret")
     yield live
     live.close()

@@ -417,7 +417,8 @@ def _serve(args: argparse.Namespace) -> int:
     _, model, tokenizer, _ = load_run(args.run, args.checkpoint, args.weights)
     _need_tokenizer(tokenizer, args.run)
     cache = {"cache": args.cache, "sinks": args.sinks, "window": args.window, **_recall_args(args, [args.cache])}
-    engine = Engine(model, tokenizer, cache, sessions_dir=args.sessions_dir, max_queue=args.max_queue)
+    engine = Engine(model, tokenizer, cache, sessions_dir=args.sessions_dir, max_queue=args.max_queue,
+                    max_batch=args.max_batch, draft=args.draft)
     model_id = Path(args.run).name or str(args.run)
     print(f"serving {args.run} as model {model_id!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     run(engine, model_id, host=args.host, port=args.port, api_key=args.api_key)
@@ -436,6 +437,11 @@ def _add_serve(sub) -> None:
                         "without it requests naming a session are refused")
     p.add_argument("--max-queue", type=_positive, default=16, metavar="N",
                    help="requests waiting for the model beyond which the server answers 429 (default 16)")
+    p.add_argument("--max-batch", type=_positive, default=8, metavar="N",
+                   help="requests decoded together, one batched step per token (continuous batching; default 8)")
+    p.add_argument("--draft", choices=("lookup",), default=None,
+                   help="decode speculatively with this draft (lookup: prompt n-grams; dense cache) unless a request "
+                        "says 'draft': 'none'; greedy output is unchanged (default: only requests asking for it)")
     p.add_argument("--checkpoint", help="a checkpoint name under RUN/checkpoints (default latest)")
     weights_option(p)
     p.add_argument("--cache", choices=CACHE_POLICIES, default="dense",

@@ -43,6 +43,97 @@ def prefill(model, ids: torch.Tensor, state: ModelState, chunk: int | None = Non
             return logits
 
 
+class Generation:
+    """One call's generation on a state, one token at a time: the bookkeeping that ``stream``
+    drives with the model's one-token steps and the server with batched steps over several
+    generations (``longctx.generation.batched``).
+
+    Construction checks the arguments (``stream``'s) and prefills ``ids`` after the
+    session's pending token; ``logits`` are then the last position's, ``(batch, vocab)``.
+    ``next_token()`` samples from ``logits`` and records the token in ``state.extra`` as
+    ``stream`` does (``pending``, the sampler's ``rng``, the stopped sequences' ``done``).
+    Unless ``finished``, the driver then feeds ``take_pending()`` ``(batch, 1)`` through the
+    model and sets ``logits`` to what that step returns.  ``speculative``: refuse what
+    speculative decoding cannot continue (a batch, a state that cannot forget tokens).
+    """
+
+    def __init__(self, model, ids, max_new_tokens: int | None, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: Iterable[int] = (),
+                 state: ModelState | None = None, speculative: bool = False) -> None:
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens is not None and max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, or None for no limit; got {max_new_tokens}")
+        ids = _as_batch(ids).to(next(model.parameters()).device)
+        if state is None:
+            state = model.init_state(ids.shape[0])
+        if ids.shape[1]:  # new input (a chat turn) resumes sequences that had stopped
+            state.extra.pop("done", None)
+        pending = state.extra.pop("pending", None)
+        if pending is not None:
+            if ids.shape[0] not in (1, pending.shape[0]):
+                raise ValueError(f"the session has batch size {pending.shape[0]}; the new ids have {ids.shape[0]}")
+            ids = torch.cat([pending.to(ids.device), ids.expand(pending.shape[0], -1)], dim=1)
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos_id)")
+        if speculative:
+            _check_speculative(state, ids)
+        limit = model.position_limit(state)
+        seen = state.seq_len
+        if max_new_tokens is None:
+            max_new_tokens = sys.maxsize if limit is None else max(limit - seen - ids.shape[1], 0)
+        elif limit is not None and seen + ids.shape[1] + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds this model's "
+                f"limit of {limit} positions (model.max_seq_len); shorten the prompt or generate fewer tokens"
+            )
+        # The sampler's RNG lives in the state, so a saved and restored session samples the
+        # same continuation as one that never stopped; an explicit seed starts afresh.
+        generator = torch.Generator(device=ids.device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        elif "rng" in state.extra:
+            generator.set_state(state.extra["rng"])
+        else:
+            generator.manual_seed(int(torch.randint(2**62, ())))
+        self.state, self.ids, self.max_new_tokens, self.generator = state, ids, max_new_tokens, generator
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=ids.device)
+        self.logits = prefill(model, ids, state)
+        # Sequences that stopped earlier in the session stay stopped until new input comes.
+        self.done = state.extra.get("done", torch.zeros(ids.shape[0], dtype=torch.bool)).to(ids.device)
+        # Per-token bookkeeping only where it can change anything (it is a tenth of a small
+        # model's step): stop checks when there are stop ids or stopped sequences, the RNG
+        # snapshot when sampling draws from it.
+        self.check_stop = len(self.stop_ids) > 0 or bool(self.done.any())
+        self.emitted = 0
+        state.extra["done"] = self.done.clone()
+        state.extra["rng"] = generator.get_state()
+
+    @property
+    def finished(self) -> bool:
+        """``max_new_tokens`` emitted, or every sequence stopped."""
+        return self.emitted >= self.max_new_tokens or (self.check_stop and bool(self.done.all()))
+
+    def next_token(self) -> torch.Tensor:
+        """The next token of each sequence ``(batch,)``, from ``logits``; it becomes pending."""
+        token = sample_next(self.logits, **self.sampling, generator=self.generator)
+        extra = self.state.extra
+        if self.check_stop:
+            token = torch.where(self.done, self.ids[:, -1], token)
+            self.done |= torch.isin(token, self.stop_ids)
+            extra["done"] = self.done.clone()
+        if self.sampling["temperature"] > 0:
+            extra["rng"] = self.generator.get_state()
+        self.ids = token[:, None]
+        extra["pending"] = self.ids
+        self.emitted += 1
+        return token
+
+    def take_pending(self) -> torch.Tensor:
+        """The pending tokens ``(batch, 1)``, which the caller now feeds."""
+        return self.state.extra.pop("pending")
+
+
 @torch.no_grad()  # not inference_mode: the caches must stay usable outside it
 def stream(
     model,
@@ -77,75 +168,22 @@ def stream(
     batch 1 and states that can forget tokens (dense KV caches); ``draft_tokens`` fixes the
     draft length (default: adaptive).  The lookup sees this call's ``ids`` and output.
     """
-    check_sampling(temperature, top_k, top_p)
     if draft is not None and draft not in DRAFTS:
         raise ValueError(f"draft must be one of {', '.join(DRAFTS)}; got {draft!r}")
-    if max_new_tokens is not None and max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, or None for no limit; got {max_new_tokens}")
-    ids = _as_batch(ids).to(next(model.parameters()).device)
-    if state is None:
-        state = model.init_state(ids.shape[0])
-    if ids.shape[1]:  # new input (a chat turn) resumes sequences that had stopped
-        state.extra.pop("done", None)
-    pending = state.extra.pop("pending", None)
-    if pending is not None:
-        if ids.shape[0] not in (1, pending.shape[0]):
-            raise ValueError(f"the session has batch size {pending.shape[0]}; the new ids have {ids.shape[0]}")
-        ids = torch.cat([pending.to(ids.device), ids.expand(pending.shape[0], -1)], dim=1)
-    if ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos_id)")
-    if draft is not None:
-        _check_speculative(state, ids)
-        length = DraftLength(draft_tokens)
-    limit = model.position_limit(state)
-    seen = state.seq_len
-    if max_new_tokens is None:
-        max_new_tokens = sys.maxsize if limit is None else max(limit - seen - ids.shape[1], 0)
-    elif limit is not None and seen + ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds this model's "
-            f"limit of {limit} positions (model.max_seq_len); shorten the prompt or generate fewer tokens"
-        )
-    # The sampler's RNG lives in the state, so a saved and restored session samples the
-    # same continuation as one that never stopped; an explicit seed starts afresh.
-    generator = torch.Generator(device=ids.device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    elif "rng" in state.extra:
-        generator.set_state(state.extra["rng"])
-    else:
-        generator.manual_seed(int(torch.randint(2**62, ())))
-    stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=ids.device)
-    logits = prefill(model, ids, state)
-    # Sequences that stopped earlier in the session stay stopped until new input comes.
-    done = state.extra.get("done", torch.zeros(ids.shape[0], dtype=torch.bool)).to(ids.device)
-    # Per-token bookkeeping only where it can change anything (it is a tenth of a small
-    # model's step): stop checks when there are stop ids or stopped sequences, the RNG
-    # snapshot when sampling draws from it.
-    check_stop = len(stop_ids) > 0 or bool(done.any())
+    length = None if draft is None else DraftLength(draft_tokens)
+    gen = Generation(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                     stop=stop, state=state, speculative=draft is not None)
     # one-token steps in two kernel calls per layer where the model allows (fast_decode)
-    fast_step = fast_decoder(model, state) if ids.device.type == "cpu" else None
+    fast_step = fast_decoder(model, gen.state) if gen.ids.device.type == "cpu" else None
     if draft is not None:
-        yield from _speculate(model, state, ids, logits, max_new_tokens, LookupDraft(), length,
-                              fast_step, stop_ids, generator, dict(temperature=temperature, top_k=top_k, top_p=top_p))
+        yield from _speculate(model, gen, LookupDraft(), length, fast_step)
         return
-    state.extra["done"] = done.clone()
-    state.extra["rng"] = generator.get_state()
-    for step in range(max_new_tokens):
-        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        if check_stop:
-            token = torch.where(done, ids[:, -1], token)
-            done |= torch.isin(token, stop_ids)
-            state.extra["done"] = done.clone()
-        if temperature > 0:
-            state.extra["rng"] = generator.get_state()
-        ids = token[:, None]
-        state.extra["pending"] = ids
-        yield token
-        if step == max_new_tokens - 1 or (check_stop and bool(done.all())):
+    while not gen.finished:
+        yield gen.next_token()
+        if gen.finished:
             return
-        del state.extra["pending"]
-        logits = model(ids, state, last_only=True)[:, -1] if fast_step is None else fast_step(ids)
+        ids = gen.take_pending()
+        gen.logits = model(ids, gen.state, last_only=True)[:, -1] if fast_step is None else fast_step(ids)
 
 
 def _check_speculative(state: ModelState, ids: torch.Tensor) -> None:
@@ -154,14 +192,17 @@ def _check_speculative(state: ModelState, ids: torch.Tensor) -> None:
     state.rewind(0)  # rejected drafts leave the state this way: refused here by states that cannot
 
 
-def _speculate(model, state: ModelState, ids, logits, max_new_tokens: int, lookup: LookupDraft, length: DraftLength,
-               fast_step, stop_ids, generator, sampling: dict) -> Iterator[torch.Tensor]:
+def _speculate(model, gen: Generation, lookup: LookupDraft, length: DraftLength, fast_step) -> Iterator[torch.Tensor]:
     """``stream``'s loop with drafts: each pass feeds the pending token and the drafts,
     yields the tokens ``accept`` keeps, and leaves the state holding every token before the
     pending one (also when the caller stops early: ``surplus`` is rewound on exit)."""
+    state, ids, sampling, generator, stop_ids = gen.state, gen.ids, gen.sampling, gen.generator, gen.stop_ids
+    max_new_tokens = gen.max_new_tokens
+    if max_new_tokens == 0:
+        return
     lookup.extend(ids[0].tolist())
     limit = model.position_limit(state)
-    queue = [int(sample_next(logits, **sampling, generator=generator))]
+    queue = [int(sample_next(gen.logits, **sampling, generator=generator))]
     emitted, surplus = 0, 0
     try:
         while True:

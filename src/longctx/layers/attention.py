@@ -123,13 +123,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: KVCache | SinkKVCache | RecallCache | None = None) -> torch.Tensor:
         batch, time, _ = x.shape
-        qkv = self.qkv(x)
+        return self.out(self.mix(self.qkv(x), state).reshape(batch, time, -1))
+
+    def mix(self, qkv: torch.Tensor, state: KVCache | SinkKVCache | RecallCache | None = None) -> torch.Tensor:
+        """The attention between the projections: ``qkv (batch, time, (heads + 2 kv_heads)
+        head_dim)`` (``self.qkv``'s output) -> ``(batch, time, heads, head_dim)``, before the
+        output projection; positions, the cache update and attention.  Batched decoding
+        (``longctx.generation.batched``) calls it per sequence between projections it
+        batches."""
         if isinstance(state, SinkKVCache):
-            return self.out(self._attend_in_cache(qkv, state).reshape(batch, time, -1))
+            return self._attend_in_cache(qkv, state)
         if isinstance(state, RecallCache):
-            return self.out(recall_attention(self, *self._heads(qkv, None, 0), state).reshape(batch, time, -1))
+            return recall_attention(self, *self._heads(qkv, None, 0), state)
+        time = qkv.shape[1]
         start = 0 if state is None else state.seq_len
-        positions = self.positions(start, time, x.device) if self.pos == "rope" else None
+        positions = self.positions(start, time, qkv.device) if self.pos == "rope" else None
         q, k, v = self._heads(qkv, positions, start + time)
         kv_start = 0
         if state is not None:
@@ -138,7 +146,7 @@ class Attention(nn.Module):
         out = self.attend(q, k, v, kv_start, state)
         if self.window is not None and isinstance(state, KVCache):
             state.trim(state.seq_len - self.window + 1)  # the next query sees no key before this
-        return self.out(out.reshape(batch, time, -1))
+        return out
 
     def _heads(self, qkv: torch.Tensor, positions: torch.Tensor | None, seq_len: int):
         """``qkv (batch, time, (heads + 2 kv_heads) head_dim)`` -> q ``(batch, time, heads,

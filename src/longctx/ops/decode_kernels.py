@@ -197,6 +197,11 @@ def _attend(q, k_cache, v_cache, lo, hi, heads, scale, out, chunks):
             out[h * dim + d] = acc / total
 
 
+# One query per head over a KV cache's storage, as a kernel of its own: the per-sequence
+# attention of batched decoding (longctx.generation.batched).
+attend = _attend
+
+
 @jit(**_FAST)
 def attention_out_mlp(x, qkv, k_cache, v_cache, lo, hi, heads, scale, out_w, out_b, norm_w, eps,
                       gate_up_w, down_w, hidden, chunks):

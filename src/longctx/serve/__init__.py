@@ -7,7 +7,13 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/model
 - ``"session": NAME`` continues the session saved in ``--sessions-dir`` (a new name starts
   one) and saves it again, atomically, before the answer completes;
 - ``"fork": OTHER`` (with ``session``) starts the new session ``NAME`` from ``OTHER``'s saved
-  state (404 if ``OTHER`` does not exist, 409 if ``NAME`` does).
+  state (404 if ``OTHER`` does not exist, 409 if ``NAME`` does);
+- ``"draft": "lookup"`` decodes speculatively with prompt-lookup drafts (dense caches; greedy
+  output unchanged, sampling's distribution too), ``"none"`` plainly; without it, the
+  server's ``--draft`` applies.
+
+Requests that arrive together are decoded together (continuous batching, up to
+``--max-batch``): see ``engine``.
 
 A prompt is always the whole text: a chat's messages (rendered by the model's template) or a
 completion's prompt.  Its longest common prefix with the session's tokens (or, without a

@@ -54,6 +54,7 @@ class Request:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     session: str | None = None
     fork: str | None = None
+    draft: str | None = None  # speculative decoding: "lookup" or "none"; None: the server's default
 
 
 def _is_int(v) -> bool:
@@ -168,6 +169,7 @@ def parse_request(body: Any, chat: bool) -> Request:
         value = _get(body, name, lambda v: isinstance(v, str) and SESSION_NAME.fullmatch(v) is not None,
                      "a session name (letters, digits, '_', '-', '.'; up to 128; not starting with '.')")
         setattr(req, name, value)
+    req.draft = _get(body, "draft", lambda v: v in ("lookup", "none"), "'lookup' or 'none'")
     if req.fork is not None and req.session is None:
         raise invalid("fork", "'fork' names the session to start from: give the new session's name in 'session'",
                       "invalid_value")
