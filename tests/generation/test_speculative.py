@@ -16,9 +16,9 @@ from longctx.model import LanguageModel, ModelConfig
 REPEATING = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
 
 
-def _model(vocab: int = 40, layers=("attention", "attention"), seed: int = 0) -> LanguageModel:
+def _model(vocab: int = 40, layers=("attention", "attention"), seed: int = 0, **overrides) -> LanguageModel:
     torch.manual_seed(seed)
-    return LanguageModel(ModelConfig(vocab_size=vocab, d_model=32, layers=list(layers), n_heads=2)).eval()
+    return LanguageModel(ModelConfig(vocab_size=vocab, d_model=32, layers=list(layers), n_heads=2, **overrides)).eval()
 
 
 def test_lookup_proposes_what_followed_the_latest_longest_match():
@@ -130,9 +130,11 @@ def test_adaptive_length_grows_on_success_and_shrinks_on_rejection():
     ("mamba", "SSMState"),
     ("name", "draft must be one of lookup"),
     ("length", "draft_tokens must be >= 1"),
+    ("window", "under an attention window"),  # the layers forget keys a rewind would need
 ])
 def test_refusals(case, match):
-    model = _model(layers=("attention", "mamba") if case == "mamba" else ("attention", "attention"))
+    model = _model(layers=("attention", "mamba") if case == "mamba" else ("attention", "attention"),
+                   **({"attn_window": 4} if case == "window" else {}))
     prompt = [[1, 2, 3], [1, 2, 3]] if case == "batch" else [1, 2, 3]
     state = model.init_state(2 if case == "batch" else 1, **({"cache": "sinks"} if case == "sinks" else {}))
     draft = "ngram" if case == "name" else "lookup"

@@ -76,7 +76,7 @@ class Generation:
         if ids.shape[1] == 0:
             raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos_id)")
         if speculative:
-            _check_speculative(state, ids)
+            _check_speculative(model, state, ids)
         limit = model.position_limit(state)
         seen = state.seq_len
         if max_new_tokens is None:
@@ -186,9 +186,14 @@ def stream(
         gen.logits = model(ids, gen.state, last_only=True)[:, -1] if fast_step is None else fast_step(ids)
 
 
-def _check_speculative(state: ModelState, ids: torch.Tensor) -> None:
+def _check_speculative(model, state: ModelState, ids: torch.Tensor) -> None:
     if ids.shape[0] != 1:
         raise ValueError(f"speculative decoding runs one sequence at a time; got a batch of {ids.shape[0]}")
+    if getattr(model.config, "attn_window", None) is not None:
+        # after a pass over the drafts the layers have already forgotten the keys that left
+        # the window, which rewinding the rejected drafts would need back
+        raise ValueError(f"speculative decoding cannot take back rejected drafts under an attention window "
+                         f"(attn_window={model.config.attn_window}); decode without a draft")
     state.rewind(0)  # rejected drafts leave the state this way: refused here by states that cannot
 
 
