@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from longctx.data import DataError
-from longctx.data.synthetic import IGNORE, TASKS, make_batch, passkey_min_length
+from longctx.data.synthetic import (ADDITION_EQUALS, ADDITION_NOISE, ADDITION_PLUS, IGNORE, TASKS, make_batch,
+                                    passkey_min_length)
 
 
 def asked(targets):
@@ -13,7 +14,7 @@ def asked(targets):
 
 
 @pytest.mark.parametrize("task,length", [("selective_copying", 64), ("induction", 33), ("mqar", 97),
-                                         ("passkey", 300)])
+                                         ("passkey", 300), ("addition", 20)])
 def test_seeded_and_shaped(task, length):
     options = {"mqar": {"vocab": 64, "pairs": 8}}.get(task, {})
     a = make_batch(task, 5, length, seed=3, **options)
@@ -80,3 +81,26 @@ def test_bad_input_is_named():
         make_batch("passkey", 1, 500, depth=1.5)
     with pytest.raises(DataError, match="bad options for task 'induction'"):
         make_batch("induction", 1, 10, pairs=3)
+
+
+@pytest.mark.parametrize("digits, length", [(1, 5), (4, 14), (6, 40)])
+def test_addition_asks_the_sum_most_significant_digit_first(digits, length):
+    inputs, targets = make_batch("addition", 16, length, digits=digits, seed=2)
+    shortest = 3 * digits + 2
+    assert (inputs[:, : length - shortest] == ADDITION_NOISE).all()
+    for row, target in zip(inputs.tolist(), targets.tolist()):
+        problem = row[length - shortest :]
+        assert problem[digits] == ADDITION_PLUS and problem[2 * digits + 1] == ADDITION_EQUALS
+        a = int("".join(map(str, problem[:digits])))
+        b = int("".join(map(str, problem[digits + 1 : 2 * digits + 1])))
+        answer = [t for t in target if t != IGNORE]
+        assert answer == [int(c) for c in str(a + b).zfill(digits + 1)]
+        # Answered from '=' on; every later input is the answer digit asked before it.
+        assert target.index(answer[0]) == length - digits - 1 and problem[2 * digits + 2 :] == answer[:-1]
+
+
+def test_addition_bad_input_is_named():
+    with pytest.raises(DataError, match="addition of 4-digit numbers needs length >= 14"):
+        make_batch("addition", 1, 13)
+    with pytest.raises(DataError, match="digits must be in 1..18"):
+        make_batch("addition", 1, 100, digits=0)

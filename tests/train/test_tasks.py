@@ -71,7 +71,7 @@ def test_bad_configs_name_the_valid_choices():
         TaskConfig(task="induction", model={"width": 3})
     with pytest.raises(ConfigError, match="steps must be a positive integer"):
         TaskConfig(task="induction", steps=0)
-    assert set(TASK_NAMES) == {"selective_copying", "induction", "mqar", "passkey"}
+    assert set(TASK_NAMES) == {"selective_copying", "induction", "mqar", "passkey", "addition"}
 
 
 def test_overrides_and_arch_specs():

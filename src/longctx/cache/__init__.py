@@ -9,7 +9,7 @@ import importlib
 _EXPORTS = {
     "CACHE_POLICIES": "policy", "DEFAULT_SINKS": "policy", "DEFAULT_WINDOW": "policy", "RECALL_DEFAULTS": "policy",
     "check_policy": "policy", "LayerState": "base", "KVCache": "kv", "ModelState": "model_state",
-    "RecallCache": "recall", "SinkKVCache": "sink", "SSMState": "ssm",
+    "RecallCache": "recall", "SinkKVCache": "sink", "SSMState": "ssm", "MemoryState": "memory",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -143,6 +143,22 @@ class SinkKVCache(LayerState):
                 buf[:, n : self.capacity - 1] = buf[:, lo + n + 1 : self._end]
         self._lo, self._end = (lo + 1, self._end) if room else (0, self.capacity - 1)
 
+    def replace_sinks(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Make ``k``, ``v`` ``(batch, n_sink, kv_heads, head_dim)`` the sinks, keys as first
+        cached (RoPE at positions ``0 .. n_sink - 1``): a memory-token model's new memory
+        (``longctx.model.memory``).  The window stays as it is."""
+        if self.seq_len < self.n_sink:
+            raise ValueError(f"the cache holds {self.seq_len} tokens, fewer than its {self.n_sink} sinks")
+        if k.shape != (self.batch_size, self.n_sink, *self._k.shape[2:]) or v.shape != k.shape:
+            raise ValueError(f"new sinks must be (batch, n_sink, kv_heads, head_dim) = "
+                             f"{(self.batch_size, self.n_sink, *self._k.shape[2:])}; got {tuple(k.shape)}, "
+                             f"{tuple(v.shape)}")
+        self._k[:, self._lo : self._lo + self.n_sink] = k
+        self._v[:, self._lo : self._lo + self.n_sink] = v
+        if self._sink_k is not None:  # the next update rotates the sinks' rows on from here
+            self._sink_k = k.clone()
+        self._undo = None
+
     def keep_undo(self) -> None:
         self._keep_undo = True
 

@@ -20,6 +20,13 @@ counts the asked positions only.  The same ``seed`` gives the same batch on any 
   key is K. Remember it. K is the pass key." at a chosen depth (0 = start, 1 = end of the
   filler), ending in "What is the pass key? The pass key is K": the model outputs the
   digits of K (5 by default), each at the position before it.
+- ``addition`` (multi-digit addition answered at once, a task where pause tokens may help:
+  Goyal et al. 2023; Pfau et al. 2024): noise (``ADDITION_NOISE``) up to ``length``, then
+  ``a + b =`` with ``digits``-digit operands, most significant digit first; the model
+  outputs the ``digits + 1`` digits of the sum, most significant first (with a leading
+  zero), each at the position before it.  The first digit depends on the carries of every
+  column, and there is no room before it to work them out.  Tokens: 0-9 digits,
+  ``ADDITION_PLUS``, ``ADDITION_EQUALS``, ``ADDITION_NOISE``; ``ADDITION_VOCAB`` in all.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ IGNORE = -100  # targets not asked (torch's cross_entropy ignore_index)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_NOTE = "The pass key is {key}. Remember it. {key} is the pass key. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is {key}"
+ADDITION_PLUS, ADDITION_EQUALS, ADDITION_NOISE = 10, 11, 12
+ADDITION_VOCAB = 13
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -140,7 +149,36 @@ def passkey(batch: int, length: int, *, depth: float = 0.5, digits: int = 5, see
     return inputs, targets
 
 
-TASKS = {"selective_copying": selective_copying, "induction": induction, "mqar": mqar, "passkey": passkey}
+def addition_min_length(digits: int = 4) -> int:
+    """The shortest addition example: ``a + b =`` and the sum without its last digit."""
+    return 3 * digits + 2
+
+
+def addition(batch: int, length: int, *, digits: int = 4, seed: int = 0):
+    """``(inputs, targets)`` of multi-digit addition; see the module docstring."""
+    _check_batch(batch, length)
+    check(1 <= digits <= 18, f"addition digits must be in 1..18; got {digits}", DataError)
+    shortest = addition_min_length(digits)
+    check(length >= shortest, f"addition of {digits}-digit numbers needs length >= {shortest}; got {length}",
+          DataError)
+    g = _generator(seed)
+    a, b = (torch.randint(0, 10**digits, (batch,), generator=g) for _ in range(2))
+    place = 10 ** torch.arange(digits, -1, -1)  # most significant first, digits + 1 places
+
+    def digits_of(x: torch.Tensor, n: int) -> torch.Tensor:
+        return x[:, None] // place[-n:] % 10
+
+    problem = torch.cat([digits_of(a, digits), torch.full((batch, 1), ADDITION_PLUS), digits_of(b, digits),
+                         torch.full((batch, 1), ADDITION_EQUALS), digits_of(a + b, digits + 1)], 1)
+    inputs = torch.full((batch, length), ADDITION_NOISE, dtype=torch.long)
+    inputs[:, length - shortest :] = problem[:, :-1]  # inputs stop before the last digit
+    targets = torch.full_like(inputs, IGNORE)
+    targets[:, length - digits - 1 :] = problem[:, -digits - 1 :]
+    return inputs, targets
+
+
+TASKS = {"selective_copying": selective_copying, "induction": induction, "mqar": mqar, "passkey": passkey,
+         "addition": addition}
 
 
 def make_batch(task: str, batch: int, length: int, *, seed: int = 0, **options):

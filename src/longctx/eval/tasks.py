@@ -3,7 +3,7 @@ cheapest exact path, with memory and time limits reported instead of crashes.
 
 Accuracy is the fraction of asked positions (``targets != IGNORE``) where the model's
 argmax is the target: one per example for induction heads, ``n_tokens`` for selective
-copying, ``pairs`` for MQAR, ``digits`` for passkey.
+copying, ``pairs`` for MQAR, ``digits`` for passkey, ``digits + 1`` for addition.
 
 How a length is evaluated (``predict_asked``): the examples run through the model in
 chunks of ``chunk`` tokens with a state (``LanguageModel.init_state``), which gives exactly
@@ -23,7 +23,10 @@ a length that would not finish within ``budget_seconds`` (or that overruns it wh
 running) is reported ``"over budget"``, and so are the longer ones after it.
 
 ``task_config`` is anything with ``task`` and ``options`` attributes (a
-``longctx.train.tasks.TaskConfig``), or a task name (default options).
+``longctx.train.tasks.TaskConfig``), or a task name (default options).  ``after_prompt =
+(token, count)`` inserts ``count`` tokens (pauses, or filler) after each example's prompt,
+before its first asked position (``longctx.data.pause.pauses_after_prompt``); lengths
+count the task's tokens without them.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from typing import Any
 
 import torch
 
-from longctx.data.synthetic import IGNORE, TASKS, make_batch, passkey_min_length
+from longctx.data.pause import pauses_after_prompt
+from longctx.data.synthetic import IGNORE, TASKS, addition_min_length, make_batch, passkey_min_length
 from longctx.layers.attention import Attention
 from longctx.layers.dilated import DilatedAttention
 from longctx.model.config import ConfigError
@@ -73,6 +77,8 @@ def task_min_length(task: str, options: dict[str, Any]) -> int:
         return 3 * int(o["pairs"])
     if task == "passkey":
         return passkey_min_length(int(o["digits"]))
+    if task == "addition":
+        return addition_min_length(int(o["digits"]))
     raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
@@ -85,7 +91,7 @@ def chance_level(task: str, options: dict[str, Any]) -> float:
         return 1.0 / (int(o["vocab"]) - 2)  # data tokens are 1 .. vocab - 2
     if task == "mqar":
         return 2.0 / int(o["vocab"])  # values are vocab/2 .. vocab - 1
-    if task == "passkey":
+    if task in ("passkey", "addition"):
         return 0.1  # a digit
     raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
@@ -168,14 +174,18 @@ def example_seed(seed: int, length: int, depth_index: int, index: int) -> int:
 
 
 def make_examples(task: str, options: dict[str, Any], length: int, indices: range, *, seed: int = 0,
-                  depth: float | None = None, depth_index: int = 0):
+                  depth: float | None = None, depth_index: int = 0, after_prompt: tuple[int, int] | None = None):
     """``(inputs, targets)`` of evaluation examples ``indices`` at ``length``, one generator
-    call each (so example ``i`` is the same in any batch)."""
+    call each (so example ``i`` is the same in any batch); ``after_prompt``: see the module
+    docstring."""
     opts = dict(options)
     if depth is not None:
         opts["depth"] = depth
     pairs = [make_batch(task, 1, length, seed=example_seed(seed, length, depth_index, i), **opts) for i in indices]
-    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    inputs, targets = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    if after_prompt is not None:
+        inputs, targets = pauses_after_prompt(inputs, targets, *after_prompt)
+    return inputs, targets
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,6 +260,8 @@ def memory_estimate(model, batch: int, length: int, chunk: int) -> int:
     for kind in kinds:
         if kind == "attention":
             held = length if c.attn_window is None else min(length, c.attn_window + chunk)
+            if c.memory_tokens:  # the cache holds one segment
+                held = min(held, c.memory_segment + 2 * c.memory_tokens)
             cache += 2 * batch * held * kv
         elif kind == "dilated":
             cache += 2 * batch * min(length, max(c.dilated_segments) + chunk) * kv
@@ -298,6 +310,7 @@ def evaluate_task(
     budget_seconds: float | None = None,
     max_memory: int | None = None,
     log: Callable[[str], None] | None = None,
+    after_prompt: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of ``model`` on the task at each length (see the module docstring).
 
@@ -346,7 +359,7 @@ def evaluate_task(
                 continue
             if stop_reason is None and deadline is not None:
                 if rate is None:
-                    rate = _probe_rate(model, task, options, length, min(b, 2), step, seed)
+                    rate = _probe_rate(model, task, options, length, min(b, 2), step, seed, after_prompt)
                 need = model.flops_per_token(length, backward=False) * length * n_total / rate
                 # The speed measured at shorter lengths is pessimistic (more overhead per token), so
                 # skip only what is clearly out of reach; the check while running catches the rest.
@@ -359,7 +372,8 @@ def evaluate_task(
                 continue
             t0 = time.perf_counter()
             try:
-                results = _accuracy_by_cell(model, task, options, length, cells, per_cell, b, step, seed, deadline)
+                results = _accuracy_by_cell(model, task, options, length, cells, per_cell, b, step, seed, deadline,
+                                            after_prompt)
             except _OverBudget:
                 stop_reason = OVER_BUDGET
                 say(f"length {length}: over budget (stopped while running)")
@@ -404,7 +418,8 @@ def _cells(task: str, examples: int, depths) -> tuple[list[tuple[int, float | No
     return list(enumerate(depths)), max(1, math.ceil(examples / len(depths)))
 
 
-def _accuracy_by_cell(model, task, options, length, cells, per_cell, batch, chunk, seed, deadline) -> dict:
+def _accuracy_by_cell(model, task, options, length, cells, per_cell, batch, chunk, seed, deadline,
+                      after_prompt) -> dict:
     """``{depth: accuracy}`` at ``length``, ``batch`` examples per forward pass; raises
     ``_OverBudget`` as soon as the rest of this length cannot finish by ``deadline``."""
     t0, done, n_total = time.perf_counter(), 0, per_cell * len(cells)
@@ -417,7 +432,8 @@ def _accuracy_by_cell(model, task, options, length, cells, per_cell, batch, chun
                 if time.perf_counter() + per_example * (n_total - done) > deadline:
                     raise _OverBudget
             idx = range(first, min(first + batch, per_cell))
-            x, y = make_examples(task, options, length, idx, seed=seed, depth=depth, depth_index=depth_index)
+            x, y = make_examples(task, options, length, idx, seed=seed, depth=depth, depth_index=depth_index,
+                                 after_prompt=after_prompt)
             logits = predict_asked(model, x, y, chunk=chunk, deadline=deadline)
             wanted = y[y != IGNORE]
             correct += int((logits.argmax(-1) == wanted).sum())
@@ -434,10 +450,10 @@ def _set_all(accuracy, by_depth, length, cells, status, task) -> None:
         by_depth[length] = {d: status for _, d in cells}
 
 
-def _probe_rate(model, task, options, length, b, chunk, seed) -> float:
+def _probe_rate(model, task, options, length, b, chunk, seed, after_prompt) -> float:
     """FLOP/s of the model measured on one short batch (at most 1024 tokens)."""
     probe = max(min(length, 1024), task_min_length(task, options))
-    x, y = make_examples(task, options, probe, range(b), seed=seed + 1)
+    x, y = make_examples(task, options, probe, range(b), seed=seed + 1, after_prompt=after_prompt)
     t0 = time.perf_counter()
     predict_asked(model, x, y, chunk=min(chunk, probe))
     return model.flops_per_token(probe, backward=False) * probe * b / max(time.perf_counter() - t0, 1e-6)

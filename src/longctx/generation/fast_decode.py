@@ -11,7 +11,7 @@ in place, or None when the model or state is outside what those kernels cover:
 - CPU, fp32, batch 1, no gradients wanted;
 - every block an attention mixer (RoPE or no positions; not ALiBi, not an attention window,
   not learned position embeddings) with an RMSNorm'd SwiGLU MLP;
-- every layer state a dense ``KVCache``;
+- every layer state a dense ``KVCache``, and no memory tokens;
 - linear layers fp32 or ``QuantizedLinear`` (int8, int4).
 
 The step's logits equal ``model(token, state, last_only=True)[:, -1]`` up to the rounding
@@ -87,6 +87,8 @@ def fast_decoder(model: nn.Module, state) -> Callable[[torch.Tensor], torch.Tens
     from longctx.model.lm import LanguageModel
 
     if type(model) is not LanguageModel or state is None or state.batch_size != 1 or torch.is_grad_enabled():
+        return None
+    if model.memory is not None:  # segments write and read memory: the model's own forward does it
         return None
     if model.pos_embed is not None or model.embed.weight.device.type != "cpu" or model.embed.weight.dtype != torch.float32:
         return None

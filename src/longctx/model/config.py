@@ -76,6 +76,14 @@ class ModelConfig:
     # longctx.data.tokenizer_base.MECHANISM_TOKENS): what pause and backspace decoding read,
     # and why to_hf refuses the model (no Hugging Face architecture applies them).
     special_tokens: dict[str, int] = field(default_factory=dict)
+    # Memory tokens (Recurrent Memory Transformer, Bulatov et al. 2022; longctx.model.memory):
+    # the input is processed in segments of memory_segment tokens, each reading memory_tokens
+    # memory embeddings and writing as many for the next segment (at <mem> write slots, so
+    # special_tokens needs "mem"); training backpropagates through memory_bptt segments
+    # (None: through every segment of a training sequence).
+    memory_tokens: int = 0
+    memory_segment: int | None = None
+    memory_bptt: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "model")
@@ -170,6 +178,7 @@ class ModelConfig:
         if self.context_len is not None:
             positive("context_len")
         self._check_special_tokens()
+        self._check_memory()
         if self.attn_window is not None:
             positive("attn_window")
             if "dilated" in self.layers:
@@ -189,6 +198,30 @@ class ModelConfig:
                                   f"got {token_id!r}")
         if len(set(tokens.values())) != len(tokens):
             raise ConfigError(f"model.special_tokens gives two mechanisms the same id: {tokens}")
+
+    def _check_memory(self) -> None:
+        non_negative_int("model.memory_tokens", self.memory_tokens, error=ConfigError)
+        if not self.memory_tokens:
+            ignored = [name for name in ("memory_segment", "memory_bptt") if getattr(self, name) is not None]
+            if ignored:
+                warnings.warn(f"model.{' and model.'.join(ignored)} ignored: model.memory_tokens is 0", stacklevel=4)
+            return
+        if self.memory_segment is None:
+            raise ConfigError("model.memory_tokens needs model.memory_segment: the tokens per segment, each of "
+                              "which reads and writes the memory")
+        positive_int("model.memory_segment", self.memory_segment, error=ConfigError)
+        positive_int("model.memory_bptt", self.memory_bptt, allow_none=True, error=ConfigError)
+        if "mem" not in self.special_tokens:
+            raise ConfigError("model.memory_tokens needs the <mem> token, whose embedding marks the write slots: "
+                              "set model.special_tokens.mem to its id (the tokenizer's mem_id)")
+        if self.sink_token:
+            raise ConfigError("model.sink_token and model.memory_tokens both put learned vectors at the start of "
+                              "the sequence, and the memory restarts every segment: use one of them")
+        span = self.memory_segment + 2 * self.memory_tokens  # read memory, tokens, write slots
+        if self.max_seq_len is not None and span > self.max_seq_len:
+            raise ConfigError(f"a segment spans {span} positions (model.memory_segment + 2 * model.memory_tokens), "
+                              f"more than model.max_seq_len ({self.max_seq_len}): shorten the segment or raise "
+                              "max_seq_len")
 
     def special_token(self, name: str) -> int:
         """The id of mechanism token ``name`` the model was trained with (``special_tokens``)."""

@@ -133,6 +133,10 @@ def to_hf(model: LanguageModel, path: str | Path) -> Path:
     if c.sink_token:
         raise HFCheckpointError("no Hugging Face architecture has a learned sink token (model.sink_token); "
                                 "export a model trained without it")
+    if c.memory_tokens:
+        raise HFCheckpointError(f"this model reads its input in segments through {c.memory_tokens} memory tokens "
+                                "(model.memory_tokens), which no Hugging Face architecture does; keep it as a "
+                                "longctx run")
     if c.special_tokens:
         names = ", ".join(f"<{name}> (id {i})" for name, i in c.special_tokens.items())
         raise HFCheckpointError(f"this model was trained with {names} (model.special_tokens), and no Hugging Face "

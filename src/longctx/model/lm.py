@@ -10,6 +10,7 @@ from torch import nn
 
 from longctx.cache.io import load_state, save_state
 from longctx.cache.kv import KVCache
+from longctx.cache.memory import MemoryState
 from longctx.cache.model_state import ModelState
 from longctx.cache.recall import RecallCache
 from longctx.cache.sink import SinkKVCache
@@ -18,6 +19,7 @@ from longctx.layers.attention import Attention
 from longctx.layers.quantized import QuantizedLinear
 from longctx.layers.recall import CHUNK
 from longctx.model.config import ConfigError, ModelConfig
+from longctx.model.memory import MemoryTokens, memory_forward
 from longctx.ops.dilated import attended_pairs
 
 # Tokens per piece of a long input through a state with recall caches (LanguageModel.forward):
@@ -37,6 +39,9 @@ class LanguageModel(nn.Module):
     A state with recall caches takes a long input in pieces of ``RECALL_PIECE`` tokens
     through the whole model (its layers attend in the same chunks as in one pass), so
     activations are those of one piece however long the prompt.
+
+    With ``model.memory_tokens`` the input is read in segments that pass on a memory
+    (``longctx.model.memory``).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -51,6 +56,7 @@ class LanguageModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.pos == "learned" else None
         self.sink = nn.Parameter(torch.empty(config.d_model)) if config.sink_token else None
+        self.memory = MemoryTokens(config) if config.memory_tokens else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(len(config.layers)))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -70,6 +76,8 @@ class LanguageModel(nn.Module):
                     nn.init.zeros_(module.bias)
         if self.sink is not None:
             nn.init.normal_(self.sink, std=std)
+        if self.memory is not None:
+            self.memory.reset_parameters(std)
         # Mixers with parameters of their own kind (SSM step sizes, decays) set them last.
         for block in self.blocks:
             if hasattr(block.mixer, "reset_parameters"):
@@ -85,18 +93,27 @@ class LanguageModel(nn.Module):
         (sinks, window and retrieved blocks: InfLLM; ``block``, ``topk``, ``repr_tokens``,
         ``memory_dir``, ``positions``).  State-space
         layers keep a fixed-size state whatever the options, so they do not receive them.
+        With memory tokens dense caches hold one segment at a time, and ``"sinks"`` makes the
+        memory the sinks of a rolling window (``longctx.model.memory``).
         """
+        memory = None
+        if self.memory is not None:
+            max_len, cache_options = self.memory.cache_options(self.config.layers, max_len, cache_options)
+            memory = MemoryState(batch_size, self.memory.count)
         return ModelState(
             [b.init_state(batch_size, max_len, **(cache_options if isinstance(b.mixer, Attention) else {}))
              for b in self.blocks],
-            batch_size=batch_size,
+            batch_size=batch_size, memory=memory,
         )
 
     def position_limit(self, state: ModelState | None = None) -> int | None:
         """The most tokens a sequence may have, counting those ``state`` has seen:
         ``model.max_seq_len``, or None (no limit) when every attention layer of ``state``
         holds a sink, window or recall cache, whose queries reach a bounded span however long
-        the stream (those caches refuse learned, absolute positions)."""
+        the stream (those caches refuse learned, absolute positions), or with memory tokens
+        (every segment starts at position 0)."""
+        if self.memory is not None:
+            return None
         bounded = (SinkKVCache, RecallCache)
         caches = [] if state is None else [s for s in state.layers if isinstance(s, (KVCache, *bounded))]
         if caches and all(isinstance(s, bounded) for s in caches):
@@ -153,6 +170,8 @@ class LanguageModel(nn.Module):
         self._check_ids(ids, start + sink, self.position_limit(state))
         if state is not None and state.batch_size != ids.shape[0]:
             raise ValueError(f"state was made for batch size {state.batch_size}; ids have {ids.shape[0]}")
+        if self.memory is not None:
+            return memory_forward(self, ids, state, last_only)
         x = self.embed(ids)
         if sink:
             x = torch.cat([self.sink.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
@@ -189,7 +208,15 @@ class LanguageModel(nn.Module):
         the backward costs twice the forward.  ``attention`` layers attend causally to every
         earlier token and themselves, or to the last ``attn_window``; ``dilated`` layers to
         their patterns' pairs (``attended_pairs``).  The Mamba scans are elementwise and not
-        counted."""
+        counted.  With memory tokens every ``memory_segment`` tokens cost a whole segment's
+        positions (read memory, tokens, write slots), each attending within the segment."""
+        if self.memory is not None and seq_len > self.memory.segment:
+            span = self.memory.span()
+            return self._flops_per_position(span, backward) * span / self.memory.segment
+        return self._flops_per_position(seq_len, backward)
+
+    def _flops_per_position(self, seq_len: int, backward: bool) -> float:
+        """``flops_per_token`` of a sequence of ``seq_len`` positions run in one pass."""
         c = self.config
         matmul_params = self.num_parameters(embeddings=False)
         if c.tie_embeddings:  # the LM head is a matmul even when it shares the embedding

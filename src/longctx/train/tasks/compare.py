@@ -16,6 +16,7 @@ from longctx.eval.report import write_report
 from longctx.eval.tasks import chance_level, check_lengths, evaluate_task
 from longctx.train.checkpoint import latest_checkpoint
 from longctx.train.tasks.config import ARCHS, TASK_DEFAULTS, TaskConfig, apply_overrides, check_task, parse_arch
+from longctx.train.tasks.mechanisms import eval_after_prompt
 from longctx.validation import check
 from longctx.train.tasks.trainer import load_task_run, train_task
 
@@ -28,11 +29,12 @@ def evaluate_run(
     **eval_options,
 ) -> dict[str, Any]:
     """``evaluate_task`` on a task run's model (its task and options); ``lengths`` default to
-    the task's standard ones.  The result also names the run, its checkpoint and architecture."""
+    the task's standard ones; pauses or filler after each prompt as the run was trained to
+    (``eval_after_prompt``).  The result also names the run, its checkpoint and architecture."""
     cfg, model, path = load_task_run(run_dir, checkpoint, task)
     lengths = list(TASK_DEFAULTS[cfg.task].eval_lengths) if lengths is None else list(lengths)
     check_lengths(cfg.task, cfg.options, lengths)
-    result = evaluate_task(model, cfg, lengths, **eval_options)
+    result = evaluate_task(model, cfg, lengths, after_prompt=eval_after_prompt(cfg), **eval_options)
     result.update(run=str(run_dir), checkpoint=path.name, arch=cfg.arch, train_len=cfg.train_len)
     return result
 

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longctx.data.synthetic import TASKS, make_batch
+from longctx.data.backspace import ERROR_RULES
+from longctx.data.synthetic import ADDITION_VOCAB, TASKS, addition_min_length, make_batch
 from longctx.eval.tasks import check_lengths, task_min_length, task_options
 from longctx.model.config import ConfigError, ModelConfig
 from longctx.ops.dilated import dilated_patterns
 from longctx.train.checkpoint import CheckpointError, read_run_config, write_json_atomic
-from longctx.validation import check, check_fields, positive_int
+from longctx.train.tasks.mechanisms import MECHANISM_OFFSETS, mechanism_ids
+from longctx.validation import check, check_fields, non_negative_int, positive_int
 
 RUN_KIND = "task"
 # The architectures, and (last) "s4d": the mamba architecture made time-invariant
@@ -81,6 +83,12 @@ TASK_DEFAULTS: dict[str, TaskDefaults] = {
     "passkey": TaskDefaults(
         train_len=256, steps=3000, batch_size=16, lr=3e-3, warmup=50, options={"digits": 5}, start_len=128,
         eval_lengths=_powers(8, 14),
+    ),
+    # Not a long-context task: the shortest example (no noise before it), where pause tokens
+    # may add the computation the first digit of the sum needs.
+    "addition": TaskDefaults(
+        train_len=addition_min_length(4), steps=3000, batch_size=64, lr=1e-3, warmup=50, options={"digits": 4},
+        eval_lengths=(addition_min_length(4),),
     ),
 }
 
@@ -147,6 +155,19 @@ class TaskConfig:
     # step before (the length curriculum) start from zeros.  "default": the task's
     # (TASK_DEFAULTS) where every layer is recurrent, else off.
     state_passing: bool | str = "default"
+    # Mechanism tokens (longctx.train.tasks.mechanisms): pauses after the prompt in training
+    # and evaluation; pauses at random places of training sequences (pretraining); filler:
+    # ordinary tokens after the prompt instead of pauses (the control for their count);
+    # eval_pauses: pauses after the prompt at evaluation (None: as in training; with
+    # pauses = 0, the paper's inference-only control); backspace_rate: injected mistakes
+    # followed by <backspace>, drawn by backspace_errors (uniform or context).  Memory tokens
+    # are model settings (model.memory_tokens, memory_segment, memory_bptt).
+    pauses: int = 0
+    pretrain_pauses: int = 0
+    filler: int = 0
+    eval_pauses: int | None = None
+    backspace_rate: float = 0.0
+    backspace_errors: str = "uniform"
     eval_every: int = 100  # validation accuracy at train_len every this many steps
     # Further validation lengths, e.g. [4096, 65536]: extrapolation watched while training
     # (on induction heads it rose and fell by 10-40 points between checkpoints).
@@ -193,6 +214,7 @@ class TaskConfig:
               and self.weight_decay >= 0, f"task.weight_decay must be a number >= 0; got {self.weight_decay!r}")
         check(self.grad_clip >= 0, f"task.grad_clip must be >= 0 (0 disables); got {self.grad_clip}")
         check(isinstance(self.state_passing, bool), f"task.state_passing must be true or false; got {self.state_passing!r}")
+        self._check_mechanisms()
         allowed = task_options(self.task)
         unknown = sorted(set(self.options) - set(allowed))
         check(not unknown, f"unknown option(s) {', '.join(unknown)} for task {self.task!r}; "
@@ -216,6 +238,18 @@ class TaskConfig:
             check(not other, f"task.state_passing needs a model whose layers are all recurrent "
                               f"({', '.join(RECURRENT_LAYERS)}); architecture {self.arch!r} has {', '.join(other)} layers")
 
+    def _check_mechanisms(self) -> None:
+        for name in ("pauses", "pretrain_pauses", "filler"):
+            non_negative_int(f"task.{name}", getattr(self, name), error=ConfigError)
+        if self.eval_pauses is not None:
+            non_negative_int("task.eval_pauses", self.eval_pauses, error=ConfigError)
+        check(not (self.filler and (self.pauses or self.pretrain_pauses or self.eval_pauses)),
+              "task.filler is the control for pauses (as many ordinary tokens in their place): set it or "
+              "task.pauses / pretrain_pauses / eval_pauses, not both")
+        check(0.0 <= self.backspace_rate <= 1.0, f"task.backspace_rate must be in [0, 1]; got {self.backspace_rate}")
+        check(self.backspace_errors in ERROR_RULES,
+              f"task.backspace_errors must be one of {', '.join(ERROR_RULES)}; got {self.backspace_errors!r}")
+
     def train_options(self) -> dict[str, Any]:
         return dict(self.options)
 
@@ -235,7 +269,7 @@ class TaskConfig:
             raise ConfigError(f"invalid task config: {e}") from None
 
     def vocab_size(self) -> int:
-        return 256 if self.task == "passkey" else int(self.options["vocab"])
+        return {"passkey": 256, "addition": ADDITION_VOCAB}.get(self.task) or int(self.options["vocab"])
 
     def model_config(self) -> ModelConfig:
         """The architecture's model for this task, with ``self.model`` overrides on top."""
@@ -256,6 +290,9 @@ class TaskConfig:
             base.update(layers=["mamba2"] * n, mlp_hidden=0, ssm_state=64, ssm_head_dim=32)
         elif self.arch == "hybrid":
             base.update(layers=["mamba"] * (n - 1) + ["attention"], mlp_hidden=0)
+        ids = mechanism_ids(self)
+        if ids:  # ids after the task's vocabulary (longctx.train.tasks.mechanisms)
+            base.update(vocab_size=self.vocab_size() + len(MECHANISM_OFFSETS), special_tokens=ids)
         values = {**base, **self.model}
         if "vocab_size" in self.model:
             check(self.model["vocab_size"] >= self.vocab_size(),

@@ -3,7 +3,8 @@
 Every step draws a fresh batch from the task's generator seeded by ``(seed, step)``
 (``longctx.data.synthetic``), so an interrupted run resumes exactly: weights, optimizer and
 RNG come from the checkpoint and the data position is the step itself.  The loss is the
-cross-entropy on the asked positions only (targets != ``IGNORE``).
+cross-entropy on the asked positions only (targets != ``IGNORE``).  Pauses, filler and
+injected mistakes transform each batch (``longctx.train.tasks.mechanisms``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from longctx.train.loop import LoopSettings, StepOutput, Window, prepare_run_dir
 from longctx.train.metrics import MetricsLog, read_metrics
 from longctx.train.optim import make_optimizer
 from longctx.train.tasks.config import PASSKEY_TRAIN_DEPTHS, TaskConfig, read_task_config, write_task_config
+from longctx.train.tasks.mechanisms import eval_after_prompt, train_transform
 from longctx.validation import check
 
 @dataclass
@@ -72,12 +74,15 @@ def tokens_seen(cfg: TaskConfig, steps: int) -> int:
     return sum(train_batch_size(cfg, s) * train_length(cfg, s) for s in range(steps))
 
 
-def _train_batch(cfg: TaskConfig, step: int):
+def train_batch(cfg: TaskConfig, step: int):
+    """The ``(inputs, targets)`` of training step ``step``: the task's examples with the
+    run's pauses, filler and mistakes."""
     options = cfg.train_options()
     seed = _train_seed(cfg.seed, step)
     if cfg.task == "passkey":
         options["depth"] = PASSKEY_TRAIN_DEPTHS[seed % len(PASSKEY_TRAIN_DEPTHS)]
-    return make_batch(cfg.task, train_batch_size(cfg, step), train_length(cfg, step), seed=seed, **options)
+    inputs, targets = make_batch(cfg.task, train_batch_size(cfg, step), train_length(cfg, step), seed=seed, **options)
+    return train_transform(cfg, inputs, targets, seed)
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +102,7 @@ def validation_accuracy(model: LanguageModel, cfg: TaskConfig) -> dict[int, floa
     model.eval()
     try:
         result = evaluate_task(model, cfg, sorted({cfg.train_len, *cfg.val_lengths}), examples=cfg.val_examples,
-                               batch=cfg.batch_size, seed=cfg.seed + 7919)
+                               batch=cfg.batch_size, seed=cfg.seed + 7919, after_prompt=eval_after_prompt(cfg))
     finally:
         model.train(was)
     return dict(result["accuracy"])
@@ -158,7 +163,7 @@ class _TaskRun:
         return self.seconds_before + time.perf_counter() - self.session_start
 
     def train_step(self, step: int) -> StepOutput:
-        x, y = _train_batch(self.cfg, step)
+        x, y = train_batch(self.cfg, step)
         state = None
         if self.cfg.state_passing:
             reuse = self.carry is not None and self.carry.batch_size == x.shape[0]
