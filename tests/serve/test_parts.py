@@ -8,7 +8,7 @@ from longctx.data import ByteTokenizer
 from longctx.generation import stream
 from longctx.model import LanguageModel
 from longctx.model.config import ModelConfig
-from longctx.serve.context import Context, Mismatch, PrefixCache, resume
+from longctx.serve.context import Context, Mismatch, PrefixCache, resume, reusable
 from longctx.serve.engine import Engine
 from longctx.serve.output import TextOutput
 from longctx.serve.protocol import parse_request
@@ -56,6 +56,14 @@ def test_resume_extends_rewinds_or_refuses(model):
     assert out == _run(model, [1, 2, 3, *first, 9], 3)[1]
     with pytest.raises(Mismatch, match="cannot forget"):
         resume(sinks.fork(), [1, 2, 7])
+    # nor can a memory-token model (its memory was written at segment ends), dense caches or not
+    torch.manual_seed(0)
+    memory = LanguageModel(ModelConfig(vocab_size=264, d_model=32, layers=["attention"] * 2, n_heads=2,
+                                       memory_tokens=2, memory_segment=8, special_tokens={"mem": 260})).eval()
+    ctx, _ = _run(memory, [1, 2, 3], 2)
+    assert reusable(ctx, [1, 2, 7]) == 0  # so the prefix cache does not pick it
+    with pytest.raises(Mismatch, match="cannot forget"):
+        resume(ctx, [1, 2, 7])
 
 
 def test_prefix_cache_picks_the_longest_reusable_entry(model):

@@ -43,7 +43,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def can_rewind(state: ModelState) -> bool:
-    return all(hasattr(s, "rewind") for s in state.layers)
+    """Whether ``state`` can forget tokens: every layer's cache can, and no memory-token memory
+    (written at segment ends) would have to be taken back."""
+    return state.memory is None and all(hasattr(s, "rewind") for s in state.layers)
 
 
 class Mismatch(ValueError):
