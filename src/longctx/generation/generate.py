@@ -11,7 +11,7 @@ from longctx.cache.model_state import ModelState
 from longctx.cache.sink import SinkKVCache
 from longctx.generation.fast_decode import fast_decoder
 from longctx.generation.sampling import check_sampling, sample_next
-from longctx.generation.speculative import DRAFTS, DraftLength, LookupDraft, accept
+from longctx.generation.speculative import DraftLength, LayerDraft, LookupDraft, accept, make_draft
 
 
 def _as_batch(ids) -> torch.Tensor:
@@ -163,20 +163,21 @@ def stream(
     Without a ``seed``, sampling continues the RNG kept in ``state.extra["rng"]`` (seeded
     from torch's global RNG the first time).
 
-    ``draft="lookup"`` decodes speculatively (``longctx.generation.speculative``): the same
-    output as without it for greedy decoding, the same distribution when sampling, for
-    batch 1 and states that can forget tokens (dense KV caches); ``draft_tokens`` fixes the
-    draft length (default: adaptive).  The lookup sees this call's ``ids`` and output.
+    ``draft="lookup"`` or ``"layers:K"`` decodes speculatively
+    (``longctx.generation.speculative``): the same output as without it for greedy
+    decoding, the same distribution when sampling, for batch 1 and states that can forget
+    tokens (dense KV caches); ``draft_tokens`` fixes the draft length (default: adaptive).
+    The lookup sees this call's ``ids`` and output; ``layers:K`` drafts with the model's
+    first K blocks.
     """
-    if draft is not None and draft not in DRAFTS:
-        raise ValueError(f"draft must be one of {', '.join(DRAFTS)}; got {draft!r}")
+    drafter = None if draft is None else make_draft(model, draft)
     length = None if draft is None else DraftLength(draft_tokens)
     gen = Generation(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      stop=stop, state=state, speculative=draft is not None)
     # one-token steps in two kernel calls per layer where the model allows (fast_decode)
     fast_step = fast_decoder(model, gen.state) if gen.ids.device.type == "cpu" else None
-    if draft is not None:
-        yield from _speculate(model, gen, LookupDraft(), length, fast_step)
+    if drafter is not None:
+        yield from _speculate(model, gen, drafter, length, fast_step)
         return
     while not gen.finished:
         yield gen.next_token()
@@ -197,7 +198,8 @@ def _check_speculative(model, state: ModelState, ids: torch.Tensor) -> None:
     state.rewind(0)  # rejected drafts leave the state this way: refused here by states that cannot
 
 
-def _speculate(model, gen: Generation, lookup: LookupDraft, length: DraftLength, fast_step) -> Iterator[torch.Tensor]:
+def _speculate(model, gen: Generation, drafter: LookupDraft | LayerDraft, length: DraftLength,
+               fast_step) -> Iterator[torch.Tensor]:
     """``stream``'s loop with drafts: each pass feeds the pending token and the drafts,
     yields the tokens ``accept`` keeps, and leaves the state holding every token before the
     pending one (also when the caller stops early: ``surplus`` is rewound on exit)."""
@@ -205,7 +207,7 @@ def _speculate(model, gen: Generation, lookup: LookupDraft, length: DraftLength,
     max_new_tokens = gen.max_new_tokens
     if max_new_tokens == 0:
         return
-    lookup.extend(ids[0].tolist())
+    drafter.extend(ids[0].tolist())
     limit = model.position_limit(state)
     queue = [int(sample_next(gen.logits, **sampling, generator=generator))]
     emitted, surplus = 0, 0
@@ -224,18 +226,19 @@ def _speculate(model, gen: Generation, lookup: LookupDraft, length: DraftLength,
                 emitted += 1
                 if emitted == max_new_tokens or done:
                     return
-            lookup.extend(queue)
+            drafter.extend(queue)
             room = max_new_tokens - emitted - 1  # drafts + 1 tokens may come out of a pass
             if limit is not None:
                 room = min(room, limit - state.seq_len - 1)
-            drafts = lookup.propose(min(length.k, max(room, 0)))
             del state.extra["pending"]
+            k = min(length.take(), max(room, 0))
+            drafts, q = drafter.draft(model, state, token, k, sampling=sampling, generator=generator) if k else ([], None)
             if not drafts:
                 step = model(pending, state, last_only=True)[:, -1] if fast_step is None else fast_step(pending)
                 queue = [int(sample_next(step, **sampling, generator=generator))]
                 continue
-            fed = torch.tensor([[int(pending)] + drafts], device=ids.device)
-            queue = accept(model(fed, state)[0], drafts, **sampling, generator=generator)
+            logits = drafter.verify(model, state, token, drafts)
+            queue = accept(logits, drafts, **sampling, generator=generator, q=q)
             state.rewind(len(drafts) + 1 - len(queue))  # the rejected drafts
             length.update(len(drafts), len(queue) - 1)
     finally:
