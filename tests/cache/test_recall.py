@@ -62,8 +62,6 @@ def test_policy_refusals_and_a_memory_directory_per_layer(tmp_path):
         _model("learned", max_seq_len=64).init_state(1, **RECALL)
     with pytest.raises(ValueError, match="positions='ordered' the distances differ per key"):
         _model("alibi").init_state(1, **RECALL, positions="ordered")
-    assert _model("alibi").init_state(1, **RECALL).layers[0].positions == "fixed"  # the default, for ALiBi
-    assert _model("rope").init_state(1, **RECALL).layers[0].positions == "ordered"
     with pytest.raises(ValueError, match="block, topk apply to cache='recall' only"):
         _model().init_state(1, cache="sinks", block=8, topk=2)
     with pytest.raises(ValueError, match=r"up to 75 tokens .*more than the 64 .*retrieve at most 3 blocks"):

@@ -7,10 +7,8 @@ CACHE_POLICIES = ("dense", "window", "sinks", "recall")
 # StreamingLLM's cache: 4 attention sinks and a window of 1020 recent tokens.
 DEFAULT_SINKS, DEFAULT_WINDOW = 4, 1020
 # The recall cache's sizes: sinks, window, block, blocks retrieved per step, representative
-# tokens per block, the position scheme of retrieved keys ("ordered": on SmolLM2-135M's 4K
-# passkey it read the retrieved number right 4 times in 5 where InfLLM's "fixed", which puts
-# every retrieved token at one distance, got 2; ALiBi models take "fixed" only).
-RECALL_DEFAULTS = {"sinks": 64, "window": 1024, "block": 128, "topk": 8, "repr_tokens": 4, "positions": "ordered"}
+# tokens per block, the position scheme of retrieved keys.
+RECALL_DEFAULTS = {"sinks": 64, "window": 1024, "block": 128, "topk": 8, "repr_tokens": 4, "positions": "fixed"}
 
 
 def check_policy(cache: str) -> str:

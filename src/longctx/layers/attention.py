@@ -93,9 +93,7 @@ class Attention(nn.Module):
     def _recall_state(self, batch_size: int, sinks, window, recall: dict) -> RecallCache:
         given = {"sinks": sinks, "window": window, **recall}
         o = {**RECALL_DEFAULTS, **{name: value for name, value in given.items() if value is not None}}
-        if self.pos == "alibi" and o["positions"] == "ordered" and recall["positions"] is None:
-            o["positions"] = "fixed"  # the default scheme ALiBi cannot take
-        elif self.pos == "alibi" and o["positions"] == "ordered":
+        if self.pos == "alibi" and o["positions"] == "ordered":
             raise ValueError("ALiBi biases each retrieved key by its distance, one shift for all of them; with "
                              "positions='ordered' the distances differ per key: use positions='fixed'")
         memory = None if recall["memory_dir"] is None else Path(recall["memory_dir"]) / f"layer_{self.layer_idx}"
